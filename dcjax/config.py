@@ -1,0 +1,90 @@
+"""Config schema shared by every mode, the mode registry, and validation that names the field.
+
+A config is an `ml_collections.ConfigDict` from a file under `configs/` with:
+  mode     which job runs (a key of MODES)
+  seed     the root PRNG seed
+  model    the fields of `dcjax.model.ModelConfig`
+  mesh     {'data', 'fsdp', 'tensor'} sizes, one of them may be -1 (fills the rest)
+  hf_dir   optional Hugging Face checkpoint directory to load instead of `model`
+Modes add their own sections (train, data, sampler, eval, ...); a mode's module may
+define `validate(config)` which runs before anything else.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import ml_collections
+
+from dcjax.model.config import ModelConfig
+from dcjax.parallel.rules import MESH_AXES
+
+# mode name -> "module:function"; the function is `run(config, workdir) -> None`.
+MODES = {
+    "inspect": "dcjax.model.inspect:run",
+    "train": "dcjax.train.loop:run",
+    "sample": "dcjax.diffusion.sample_cli:run",
+    "eval": "dcjax.eval.cli:run",
+    "grpo": "dcjax.rl.loop:run",
+}
+
+
+class ConfigError(ValueError):
+  """A config field has a bad value; the message names the field."""
+
+
+def resolve_mode(mode: str) -> tuple[Callable, Callable | None]:
+  """Returns (run, validate or None) for a mode name."""
+  if mode not in MODES:
+    raise ConfigError(f"config.mode={mode!r} is not one of {sorted(MODES)}")
+  module_name, fn_name = MODES[mode].split(":")
+  module = importlib.import_module(module_name)
+  return getattr(module, fn_name), getattr(module, "validate", None)
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+  """The ModelConfig of a full config (config.model)."""
+  try:
+    return ModelConfig.from_dict(config.model.to_dict())
+  except TypeError as e:  # a missing required field
+    raise ConfigError(f"config.model is incomplete: {e}") from None
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks the shared fields; raises ConfigError naming the first bad one."""
+  for name in ("mode", "seed", "mesh"):
+    if name not in config:
+      raise ConfigError(f"config.{name} is missing")
+  if not isinstance(config.seed, int):
+    raise ConfigError(f"config.seed={config.seed!r} must be an integer")
+  for axis in MESH_AXES:
+    if axis not in config.mesh:
+      raise ConfigError(f"config.mesh.{axis} is missing (expected a size or -1)")
+    size = config.mesh[axis]
+    if not isinstance(size, int) or size == 0 or size < -1:
+      raise ConfigError(f"config.mesh.{axis}={size!r} must be a positive integer or -1")
+  if not config.get("hf_dir"):
+    if "model" not in config:
+      raise ConfigError("config.model is missing and config.hf_dir is empty: nothing to build")
+    try:
+      model_config(config).validate("config.model")
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+  _, mode_validate = resolve_mode(config.mode)
+  if mode_validate is not None:
+    mode_validate(config)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Shared defaults that every file under configs/ starts from."""
+  c = ml_collections.ConfigDict()
+  c.mode = "inspect"
+  c.seed = 0
+  c.hf_dir = ""
+  c.multihost = False  # True forces jax.distributed.initialize(); TPU pods are auto-detected.
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  c.model = ml_collections.ConfigDict(ModelConfig(
+      vocab_size=1, hidden_size=1, intermediate_size=1, num_layers=1, num_heads=1,
+      num_kv_heads=1, head_dim=2).to_dict())
+  return c

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Installs dcjax into ./.venv and runs the main job.
+#   bash launch/run.sh configs/tiny.py runs/tiny [--config.field=value ...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+config=${1:-configs/tiny.py}
+workdir=${2:-runs/tiny}
+shift $(( $# > 2 ? 2 : $# ))
+bash launch/setup.sh
+exec .venv/bin/python -m dcjax.main --config "$config" --workdir "$workdir" "$@"

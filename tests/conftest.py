@@ -1,0 +1,41 @@
+"""Test set-up: 8 host CPU devices so sharded code runs on a real 2x2x2 mesh."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> pathlib.Path | None:
+  """`$DCJAX_SHARED_DATA`, else `../shared/data` beside the repository, else None."""
+  env = os.environ.get("DCJAX_SHARED_DATA")
+  candidates = [pathlib.Path(env)] if env else []
+  candidates.append(REPO.parent / "shared" / "data")
+  for path in candidates:
+    if path.is_dir():
+      return path
+  return None
+
+
+def require_shared_file(name: str) -> pathlib.Path:
+  """The path of a shared data file; skips where absent, fails under CI=true."""
+  directory = shared_data_dir()
+  path = directory / name if directory else None
+  if path is None or not path.exists():
+    message = f"shared data file {name} not found (set DCJAX_SHARED_DATA)"
+    if os.environ.get("CI") == "true":
+      pytest.fail(message + "; CI must not skip it")
+    pytest.skip(message)
+  return path
+
+
+@pytest.fixture
+def mbpp_path() -> pathlib.Path:
+  return require_shared_file("mbpp.jsonl")

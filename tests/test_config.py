@@ -1,0 +1,72 @@
+"""Config validation names the bad field; the entry point runs and reports errors."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dcjax import config as config_lib
+from dcjax.parallel import mesh as mesh_lib
+from configs import diffucoder_7b, small, tiny
+from tests.conftest import REPO
+
+
+@pytest.mark.parametrize("module", [tiny, small, diffucoder_7b])
+def test_shipped_configs_validate(module):
+  config = module.get_config()
+  config_lib.validate(config)
+  assert module.__doc__ and "python -m dcjax.main --config configs/" in module.__doc__
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("mode", "fly", r"config.mode='fly' is not one of"),
+    ("mesh.fsdp", 0, r"config.mesh.fsdp=0 must be a positive integer or -1"),
+    ("model.num_kv_heads", 3, r"config.model.num_kv_heads=3 must divide config.model.num_heads=4"),
+    ("model.hidden_size", -8, r"config.model.hidden_size=-8 must be a positive integer"),
+    ("seed", "x", r"config.seed='x' must be an integer"),
+])
+def test_validation_names_the_field(field, value, message):
+  config = tiny.get_config()
+  config.mode = "inspect"
+  section, _, name = field.rpartition(".")
+  target = config[section] if section else config
+  with target.ignore_type():
+    target[name] = value
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(config)
+
+
+def test_mesh_shape_fills_and_checks():
+  assert mesh_lib.mesh_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8) == (2, 2, 2)
+  assert mesh_lib.mesh_shape({"data": 1, "fsdp": -1, "tensor": 1}, 8) == (1, 8, 1)
+  with pytest.raises(ValueError, match="only one axis may be -1"):
+    mesh_lib.mesh_shape({"data": -1, "fsdp": -1, "tensor": 1}, 8)
+  with pytest.raises(ValueError, match="not divisible by the fixed axes"):
+    mesh_lib.mesh_shape({"data": -1, "fsdp": 3, "tensor": 1}, 8)
+  with pytest.raises(ValueError, match="holds 4 devices but 8 are available"):
+    mesh_lib.mesh_shape({"data": 2, "fsdp": 2, "tensor": 1}, 8)
+
+
+def _main(tmp_path, *overrides):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run(
+      [sys.executable, "-m", "dcjax.main", "--config", "configs/tiny.py", "--workdir",
+       str(tmp_path), "--config.mode=inspect", *overrides],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_entry_point_inspects_the_tiny_model(tmp_path):
+  result = _main(tmp_path, "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+                 "--config.model.num_layers=3")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "mesh: {'data': 2, 'fsdp': 2, 'tensor': 2}" in result.stdout
+  assert "(3, 128, 384)" in result.stdout  # the override reached the model
+  assert "P(None, 'fsdp', 'tensor')" in result.stdout
+  assert "finite=True" in result.stdout
+
+
+def test_entry_point_reports_the_bad_field(tmp_path):
+  result = _main(tmp_path, "--config.model.num_kv_heads=3")
+  assert result.returncode != 0
+  assert "config.model.num_kv_heads=3 must divide" in result.stderr

@@ -1,0 +1,106 @@
+"""Model: masks and positions, sharded forward, remat, the 7B config's size and shardings."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dcjax import config as config_lib
+from dcjax import model as model_lib
+from dcjax.model.transformer import mask_and_positions
+from dcjax.parallel import mesh as mesh_lib
+from dcjax.parallel import sharding
+from configs import diffucoder_7b
+
+TINY = model_lib.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                             num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=1e4)
+
+
+def test_padding_positions_and_mask_follow_dream():
+  tokens = jnp.zeros((2, 5), jnp.int32)
+  keep = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+  mask, positions = mask_and_positions(tokens, keep)
+  np.testing.assert_array_equal(positions, [[1, 1, 0, 1, 2], [0, 1, 2, 3, 4]])
+  assert mask.shape == (2, 5, 5)
+  assert not mask[0, 0].any() and not mask[0, :, 1].any()
+  assert mask[0, 2:, 2:].all() and mask[1].all()
+  with pytest.raises(ValueError, match=r"attention_mask has shape \(5,\)"):
+    mask_and_positions(tokens, np.ones(5))
+
+
+def test_fully_padded_rows_are_finite():
+  params = sharding.init_params(TINY, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 6), 0, 64)
+  keep = np.array([[0, 0, 0, 0, 0, 0], [0, 0, 1, 1, 1, 1]])
+  logits = model_lib.apply(TINY, params, tokens, attention_mask=keep)
+  assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_sharded_forward_equals_single_device():
+  params = sharding.init_params(TINY, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (4, 16), 0, 64)
+  keep = np.ones((4, 16), bool)
+  keep[1, :3] = False
+  single = np.asarray(model_lib.apply(TINY, params, tokens, attention_mask=keep))
+  mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  sharded_params = sharding.init_params(TINY, jax.random.key(0), mesh)
+  assert sharded_params["layers"]["mlp"]["up_proj"]["kernel"].sharding.spec == jax.P(
+      None, "fsdp", "tensor")
+  with jax.set_mesh(mesh):
+    sharded = jax.jit(lambda p, t, k: model_lib.apply(TINY, p, t, attention_mask=k))(
+        sharded_params, tokens, keep)
+  np.testing.assert_allclose(np.asarray(sharded), single, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots_no_batch"])
+def test_remat_keeps_values_and_gradients(policy):
+  import dataclasses
+  params = sharding.init_params(TINY, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 64)
+
+  def loss(p, c):
+    return jnp.mean(jax.nn.log_softmax(model_lib.apply(c, p, tokens))[..., 0])
+
+  g0 = jax.grad(loss)(params, TINY)
+  g1 = jax.grad(loss)(params, dataclasses.replace(TINY, remat_policy=policy))
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+  import dataclasses
+  params = sharding.init_params(TINY, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 64)
+  f32 = np.asarray(model_lib.apply(TINY, params, tokens))
+  bf16 = model_lib.apply(dataclasses.replace(TINY, dtype="bfloat16"), params, tokens)
+  assert bf16.dtype == jnp.bfloat16
+  assert np.abs(np.asarray(bf16.astype(jnp.float32)) - f32).max() < 0.05 * np.abs(f32).max()
+
+
+def test_diffucoder_7b_size_and_shardings():
+  config = config_lib.model_config(diffucoder_7b.get_config())
+  abstract = jax.tree.map(lambda b: b.unbox(), sharding.abstract_params(config),
+                          is_leaf=lambda b: hasattr(b, "unbox"))
+  count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
+  # Qwen2.5-7B's published size: 7.61B parameters (untied embeddings, 152064 rows).
+  assert count == 7_615_616_512
+  assert count == config.num_params()
+  mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+  shardings = sharding.param_shardings(config, mesh)
+  leaves = jax.tree_util.tree_leaves_with_path(shardings)
+  assert len(leaves) == len(jax.tree.leaves(abstract)) == 15
+  for path, s in leaves:
+    assert isinstance(s, jax.sharding.NamedSharding), path
+    name = jax.tree_util.keystr(path)
+    if "kernel" in name or "embedding" in name:
+      assert "fsdp" in s.spec, f"{name} is not sharded over fsdp: {s.spec}"
+
+
+def test_model_config_validation_names_the_field():
+  import dataclasses
+  with pytest.raises(ValueError, match=r"config.model.num_kv_heads=3 must divide"):
+    dataclasses.replace(TINY, num_kv_heads=3).validate()
+  with pytest.raises(ValueError, match=r"config.model.remat_policy='sometimes'"):
+    dataclasses.replace(TINY, remat_policy="sometimes").validate()
+  with pytest.raises(ValueError, match=r"unknown fields \['num_layer'\]"):
+    model_lib.ModelConfig.from_dict({**TINY.to_dict(), "num_layer": 2})
