@@ -104,3 +104,14 @@ def test_model_config_validation_names_the_field():
     dataclasses.replace(TINY, remat_policy="sometimes").validate()
   with pytest.raises(ValueError, match=r"unknown fields \['num_layer'\]"):
     model_lib.ModelConfig.from_dict({**TINY.to_dict(), "num_layer": 2})
+
+
+def test_dot_product_attention_impl_matches_xla():
+  import dataclasses
+  params = sharding.init_params(TINY, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 64)
+  keep = np.array([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8])
+  xla = np.asarray(model_lib.apply(TINY, params, tokens, attention_mask=keep))
+  dpa = np.asarray(model_lib.apply(dataclasses.replace(TINY, attention_impl="dot_product_attention"),
+                                   params, tokens, attention_mask=keep))
+  np.testing.assert_allclose(dpa[keep.astype(bool)], xla[keep.astype(bool)], atol=1e-5)
