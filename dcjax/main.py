@@ -34,7 +34,8 @@ def main(argv):
   logging.info("process %d/%d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   run, _ = config_lib.resolve_mode(config.mode)
-  os.makedirs(_WORKDIR.value, exist_ok=True)
+  if "://" not in _WORKDIR.value:  # gs:// workdirs are created by the writers (orbax, tf.io)
+    os.makedirs(_WORKDIR.value, exist_ok=True)
   run(config, _WORKDIR.value)
 
 

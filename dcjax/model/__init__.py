@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import flax.linen as nn
+import jax
 
 from dcjax.model.config import ModelConfig
 from dcjax.model.transformer import Transformer, mask_and_positions
@@ -30,7 +32,13 @@ def apply(config, params, tokens_BxL, attention_mask=None, positions=None, *,
   [B, L, L] boolean mask. Positions default to SPEC §1's rule. Activation sharding
   constraints take effect under `jax.set_mesh(mesh)`.
   """
-  config = as_model_config(config)
+  return _apply(as_model_config(config), params, tokens_BxL, attention_mask, positions,
+                rules=tuple(rules))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "rules"))
+def _apply(config, params, tokens_BxL, attention_mask, positions, *, rules):
+  # Jitted so eager callers get one compiled program; inside a caller's jit it is inlined.
   mask_BxLxL, positions_BxL = mask_and_positions(tokens_BxL, attention_mask, positions)
   with nn.logical_axis_rules(rules):
     return Transformer(config).apply({"params": params}, tokens_BxL, positions_BxL, mask_BxLxL)
