@@ -1,0 +1,117 @@
+"""The `eval` mode: config validation and `run_eval(config, generate_fn)`.
+
+Config sections read here (see configs/eval_humaneval.py):
+  config.eval     benchmark, data_path, n_samples, k, prompt_style, output_dir, timeout_s,
+                  memory_mb, workers, batch_size, limit
+  config.sampler  max_new_tokens, steps, alg, temperature, top_p, alg_temp (for the
+                  sampler that makes generate_fn; recorded in the summary)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from dcjax.eval.harness import EvalReport, GenerateFn, evaluate
+from dcjax.eval.prompts import PROMPT_STYLES
+from dcjax.eval.tasks import BENCHMARKS, load_benchmark
+from dcjax.execution import SandboxConfig
+
+SAMPLER_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+
+
+class EvalConfigError(ValueError):
+  """A field of config.eval / config.sampler is wrong; the message names it."""
+
+
+def _get(section: Any, name: str, where: str) -> Any:
+  try:
+    return section[name]
+  except (KeyError, AttributeError, TypeError):
+    raise EvalConfigError(f"{where}.{name} is missing") from None
+
+
+def validate(config: Any) -> None:
+  """Checks config.eval and config.sampler; raises EvalConfigError naming the field."""
+  if "eval" not in config:
+    raise EvalConfigError("config.eval is missing (see configs/eval_humaneval.py)")
+  ev = config.eval
+  benchmark = _get(ev, "benchmark", "config.eval")
+  if benchmark not in BENCHMARKS:
+    raise EvalConfigError(f"config.eval.benchmark={benchmark!r} is not one of {BENCHMARKS}")
+  if benchmark.endswith("_plus") and not _get(ev, "data_path", "config.eval"):
+    raise EvalConfigError(f"config.eval.data_path must name the EvalPlus JSONL for "
+                          f"{benchmark!r}")
+  data_path = _get(ev, "data_path", "config.eval")
+  if data_path and not os.path.exists(data_path):
+    raise EvalConfigError(f"config.eval.data_path={data_path!r} does not exist")
+  style = _get(ev, "prompt_style", "config.eval")
+  if style not in PROMPT_STYLES:
+    raise EvalConfigError(f"config.eval.prompt_style={style!r} is not one of {PROMPT_STYLES}")
+  n = _get(ev, "n_samples", "config.eval")
+  if not isinstance(n, int) or n < 1:
+    raise EvalConfigError(f"config.eval.n_samples={n!r} must be a positive integer")
+  ks = _get(ev, "k", "config.eval")
+  if isinstance(ks, int):
+    ks = (ks,)
+  if not ks or any(not isinstance(k, int) or not 1 <= k <= n for k in ks):
+    raise EvalConfigError(f"config.eval.k={ks!r} must be integers in [1, n_samples={n}]")
+  for name in ("timeout_s", "memory_mb", "batch_size"):
+    value = _get(ev, name, "config.eval")
+    if not isinstance(value, (int, float)) or value <= 0:
+      raise EvalConfigError(f"config.eval.{name}={value!r} must be positive")
+  for name in ("workers", "limit"):
+    value = _get(ev, name, "config.eval")
+    if not isinstance(value, int) or value < 0:
+      raise EvalConfigError(f"config.eval.{name}={value!r} must be >= 0 (0: automatic/all)")
+  if "sampler" in config:
+    sampler = config.sampler
+    alg = _get(sampler, "alg", "config.sampler")
+    if alg not in SAMPLER_ALGS:
+      raise EvalConfigError(f"config.sampler.alg={alg!r} is not one of {SAMPLER_ALGS}")
+    for name in ("max_new_tokens", "steps"):
+      value = _get(sampler, name, "config.sampler")
+      if not isinstance(value, int) or value < 1:
+        raise EvalConfigError(f"config.sampler.{name}={value!r} must be a positive integer")
+    top_p = _get(sampler, "top_p", "config.sampler")
+    if not 0 < top_p <= 1:
+      raise EvalConfigError(f"config.sampler.top_p={top_p!r} must be in (0, 1]")
+    for name in ("temperature", "alg_temp"):
+      if _get(sampler, name, "config.sampler") < 0:
+        raise EvalConfigError(f"config.sampler.{name} must be >= 0")
+
+
+def run_eval(config: Any, generate_fn: GenerateFn, *, workdir: str = "",
+             progress: bool = True) -> EvalReport:
+  """Runs the benchmark of `config.eval` with `generate_fn` and writes its files.
+
+  Output goes to config.eval.output_dir, or `<workdir>/eval` when that is empty.
+  """
+  validate(config)
+  ev = config.eval
+  tasks = load_benchmark(ev.benchmark, ev.data_path)
+  if ev.limit:
+    tasks = tasks[:ev.limit]
+  output_dir = ev.output_dir or (os.path.join(workdir, "eval") if workdir else "")
+  ks = (ev.k,) if isinstance(ev.k, int) else tuple(ev.k)
+  sandbox = SandboxConfig(timeout_s=float(ev.timeout_s), memory_mb=int(ev.memory_mb),
+                          workers=ev.workers or None)
+  report = evaluate(tasks, generate_fn, n_samples=ev.n_samples, ks=ks,
+                    prompt_style=ev.prompt_style, benchmark=ev.benchmark,
+                    output_dir=output_dir or None, sandbox=sandbox,
+                    batch_size=int(ev.batch_size), progress=progress)
+  if output_dir and "sampler" in config:
+    with open(report.paths["summary"], "w", encoding="utf-8") as f:
+      json.dump({**report.summary(), "sampler": dict(config.sampler),
+                 "hf_dir": config.get("hf_dir", "")}, f, indent=2)
+  print(report.table())
+  return report
+
+
+def run(config: Any, workdir: str) -> None:
+  """Mode entry used by dcjax.main (`config.mode = "eval"`)."""
+  raise NotImplementedError(
+      "eval mode: the generate_fn built from dcjax.diffusion.sampler is not wired here yet "
+      "(sampler issue 3). Until it is, call dcjax.eval.run_eval(config, generate_fn) with "
+      "a callable generate_fn(prompts: list[str], n: int) -> list[list[str]].")

@@ -1,0 +1,1 @@
+"""Reinforcement learning (coupled-GRPO). The rewards live in dcjax.rl.rewards."""
