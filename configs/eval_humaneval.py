@@ -19,15 +19,15 @@ $DCJAX_SHARED_DATA), `humaneval_plus` / `mbpp_plus` with
 import ml_collections
 
 from dcjax.config import base_config
+from dcjax.diffusion.sample_cli import sampler_section
 
 
 def get_config():
   c = base_config()
   c.mode = "eval"
   c.hf_dir = ""  # required: a Hugging Face checkpoint directory
-  c.sampler = ml_collections.ConfigDict(dict(
-      max_new_tokens=256, steps=256, alg="entropy", temperature=0.2, top_p=0.95,
-      alg_temp=0.0))
+  c.sampler = sampler_section(max_new_tokens=256, steps=256, alg="entropy", temperature=0.2,
+                              top_p=0.95)
   c.eval = ml_collections.ConfigDict(dict(
       benchmark="humaneval",  # humaneval | mbpp | humaneval_plus | mbpp_plus
       data_path="",  # "" = bundled HumanEval / shared MBPP; EvalPlus JSONL path for *_plus

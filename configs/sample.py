@@ -22,6 +22,7 @@ number of steps and tokens/s, and writes completions.jsonl to the workdir.
 from ml_collections import config_dict
 
 from dcjax.config import base_config
+from dcjax.diffusion.sample_cli import sampler_section
 
 
 def get_config():
@@ -36,20 +37,7 @@ def get_config():
   c.visualize = False
   c.mesh = config_dict.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   c.seed = 0
-  c.sampler = config_dict.ConfigDict(dict(
-      max_new_tokens=64,
-      steps=64,
-      alg="entropy",  # origin | maskgit_plus | topk_margin | entropy
-      temperature=0.2,
-      top_p=config_dict.placeholder(float),  # e.g. 0.95
-      top_k=config_dict.placeholder(int),
-      alg_temp=0.0,  # > 0 samples the revealed positions
-      eps=1e-3,
-      block_length=config_dict.placeholder(int),  # LLaDA blocks, e.g. 32
-      threshold=config_dict.placeholder(float),  # Fast-dLLM, e.g. 0.9
-      cache=config_dict.placeholder(str),  # prefix | dual
-      cache_refresh_every=0,  # 0: recompute the canvas once per block
-  ))
+  c.sampler = sampler_section()
   # The random fallback model: byte tokenizer ids (256 = <|endoftext|>, 259 = <|mask|>).
   c.model.update(dict(
       vocab_size=264, hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4,

@@ -12,6 +12,7 @@ import os
 import time
 
 import jax
+from ml_collections import config_dict
 import numpy as np
 
 from dcjax import config as config_lib
@@ -23,6 +24,26 @@ from dcjax.parallel import sharding
 from dcjax.parallel.rules import MESH_AXES
 
 ConfigError = config_lib.ConfigError
+
+
+def sampler_section(**overrides) -> config_dict.ConfigDict:
+  """`config.sampler` with every `generate` option (Dream's defaults), for configs/*.py."""
+  section = config_dict.ConfigDict(dict(
+      max_new_tokens=64,
+      steps=64,
+      alg="entropy",  # origin | maskgit_plus | topk_margin | entropy
+      temperature=0.2,
+      top_p=config_dict.placeholder(float),  # e.g. 0.95
+      top_k=config_dict.placeholder(int),
+      alg_temp=0.0,  # > 0 samples the revealed positions
+      eps=1e-3,
+      block_length=config_dict.placeholder(int),  # LLaDA blocks, e.g. 32
+      threshold=config_dict.placeholder(float),  # Fast-dLLM, e.g. 0.9
+      cache=config_dict.placeholder(str),  # prefix | dual
+      cache_refresh_every=0,  # 0: recompute the canvas once per block
+  ))
+  section.update(overrides)
+  return section
 
 
 def sampler_kwargs(sampler_config) -> dict:

@@ -110,8 +110,8 @@ def run_eval(config: Any, generate_fn: GenerateFn, *, workdir: str = "",
 
 
 def run(config: Any, workdir: str) -> None:
-  """Mode entry used by dcjax.main (`config.mode = "eval"`)."""
-  raise NotImplementedError(
-      "eval mode: the generate_fn built from dcjax.diffusion.sampler is not wired here yet "
-      "(sampler issue 3). Until it is, call dcjax.eval.run_eval(config, generate_fn) with "
-      "a callable generate_fn(prompts: list[str], n: int) -> list[list[str]].")
+  """Mode entry used by dcjax.main (`config.mode = "eval"`): the sampler as generate_fn."""
+  from dcjax.eval.sampler_fn import make_generate_fn  # pylint: disable=import-outside-toplevel
+  from dcjax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  mesh = mesh_lib.make_mesh(config.mesh)
+  run_eval(config, make_generate_fn(config, mesh), workdir=workdir)

@@ -1,0 +1,45 @@
+"""The evaluation's `generate_fn` built from the jitted sampler (dcjax.diffusion.sampler)."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from dcjax.diffusion import decode
+from dcjax.diffusion.sample_cli import load_model_and_tokenizer, sampler_kwargs
+from dcjax.diffusion.sampler import generate
+from dcjax.parallel.rules import MESH_AXES
+
+PROMPT_BUCKET = 64  # prompt lengths are padded to a multiple of this: few compiled shapes
+
+
+def make_generate_fn(config, mesh):
+  """generate_fn(prompts, n) -> n completions per prompt, cut at the stop tokens.
+
+  The model and tokenizer come from `config.hf_dir` (or a random `config.model` with the
+  byte tokenizer when it is empty); sampling settings from `config.sampler`. Each call
+  draws from a fresh key folded from `config.seed`.
+  """
+  model_config, params, tokenizer = load_model_and_tokenizer(config, mesh)
+  kwargs = sampler_kwargs(config.sampler)
+  shards = int(np.prod([mesh.shape[a] for a in MESH_AXES[:2]]))
+  calls = itertools.count()
+  root = jax.random.key(config.seed)
+
+  def generate_fn(prompts: Sequence[str], n: int) -> list[list[str]]:
+    texts = [p for p in prompts for _ in range(n)]
+    batch = -(-len(texts) // shards) * shards  # a whole number of rows per data shard
+    texts += [texts[-1]] * (batch - len(texts))
+    longest = max(len(tokenizer.encode(t)) for t in set(texts))
+    ids, keep = decode.encode_left_padded(
+        tokenizer, texts, length=-(-longest // PROMPT_BUCKET) * PROMPT_BUCKET)
+    out = generate(model_config, params, ids, keep, rng=jax.random.fold_in(root, next(calls)),
+                   mesh=mesh, **kwargs)
+    tokens = np.asarray(jax.device_get(out.tokens))
+    completions = decode.decode_completions(tokenizer, tokens, ids.shape[1])
+    return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+  return generate_fn
