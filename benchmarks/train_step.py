@@ -1,0 +1,201 @@
+"""Train-step MFU of dcjax vs the same model + loss in plain PyTorch, in one command.
+
+  python benchmarks/train_step.py                           # tiny and small on the CPU
+  python benchmarks/train_step.py --models=1b --dtype=bfloat16 --batch=8 --seq_len=2048 \
+      --no_torch                                            # a lent GPU / TPU
+
+For each model: the full dcjax train step (masked-diffusion loss with the shift and 1/t,
+AdamW, clipping; jitted, donated) and, unless --no_torch, `transformers` Qwen2ForCausalLM
+with a non-causal 4-D mask running the same loss and AdamW, both fp32 on the CPU. MFU =
+model FLOP/s (6N + bidirectional attention, dcjax.train.metrics) / peak, where the peak is
+a matmul measured in this process on the CPU, or the chip's data-sheet bf16 peak. Prints a
+table, then one JSON line with every figure and the dcjax/torch throughput ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+
+from dcjax.data import pipeline  # noqa: E402
+from dcjax.diffusion import losses  # noqa: E402
+from dcjax.model.config import ModelConfig  # noqa: E402
+from dcjax.parallel import mesh as mesh_lib  # noqa: E402
+from dcjax.parallel import sharding as sharding_lib  # noqa: E402
+from dcjax.train import metrics, optim  # noqa: E402
+from dcjax.train import state as state_lib  # noqa: E402
+from dcjax.train import step as step_lib  # noqa: E402
+from dcjax.train.train_config import add_train_sections  # noqa: E402
+from dcjax.config import base_config  # noqa: E402
+
+ONE_B = dict(vocab_size=32768, hidden_size=2048, intermediate_size=5632, num_layers=16,
+             num_heads=16, num_kv_heads=4, head_dim=128, rope_theta=10_000.0,
+             mask_token_id=4, pad_token_id=1, eos_token_id=1)
+
+
+def model_config(name: str, dtype: str, remat: str) -> ModelConfig:
+  if name == "1b":
+    fields = dict(ONE_B)
+  else:
+    module = __import__(f"configs.{name}", fromlist=["get_config"])
+    fields = module.get_config().model.to_dict()
+  fields.update(dtype=dtype, param_dtype="float32", remat_policy=remat)
+  return ModelConfig.from_dict(fields)
+
+
+def timed(runners: dict, steps: int, rounds: int = 2) -> dict:
+  """Median seconds per call of each runner (each call blocks), after one warm-up call each.
+
+  Runners go in blocks of `steps` calls, alternating for `rounds` rounds, so a busy shared
+  machine slows them alike while each library's thread pool runs undisturbed in its block.
+  """
+  for run in runners.values():
+    run()
+  times = {name: [] for name in runners}
+  for _ in range(rounds):
+    for name, run in runners.items():
+      for _ in range(steps):
+        start = time.perf_counter()
+        run()
+        times[name].append(time.perf_counter() - start)
+  return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def dcjax_runner(mc: ModelConfig, batch: int, seq_len: int):
+  """A callable running one full dcjax train step (compiled here)."""
+  cfg = add_train_sections(base_config())
+  tx, schedule = optim.make_optimizer(cfg.train)
+  mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  params = sharding_lib.init_params(mc, jax.random.key(0), mesh)
+  abstract = state_lib.abstract_state(jax.eval_shape(lambda: params), tx)
+  shardings = state_lib.state_shardings(abstract, sharding_lib.param_shardings(mc, mesh), tx,
+                                        mesh)
+  holder = {"state": state_lib.init_state(params, tx, 0, shardings)}
+  fn = step_lib.jit_train_step(
+      step_lib.make_train_step(mc, losses.LossConfig(), tx, schedule), shardings,
+      {k: pipeline.batch_sharding(mesh) for k in pipeline.BATCH_KEYS},
+      NamedSharding(mesh, PartitionSpec()))
+  rng = np.random.default_rng(0)
+  local = dict(tokens=rng.integers(8, mc.vocab_size, (batch, seq_len)).astype(np.int32),
+               segment_ids=np.ones((batch, seq_len), np.int32),
+               positions=np.tile(np.arange(seq_len, dtype=np.int32), (batch, 1)),
+               prompt_mask=np.zeros((batch, seq_len), bool))
+  global_batch = pipeline.to_global(local, mesh)
+  with jax.set_mesh(mesh):
+    compiled = fn.lower(holder["state"], global_batch).compile()
+
+  def run():
+    with jax.set_mesh(mesh):
+      holder["state"], m = compiled(holder["state"], global_batch)
+    jax.block_until_ready(m)
+
+  return run
+
+
+def torch_runner(mc: ModelConfig, batch: int, seq_len: int):
+  """transformers Qwen2 (fp32, non-causal 4-D mask) + the same loss + torch AdamW."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from transformers import Qwen2Config, Qwen2ForCausalLM  # pylint: disable=import-outside-toplevel
+  torch.set_num_threads(os.cpu_count() or 1)
+  config = Qwen2Config(vocab_size=mc.vocab_size, hidden_size=mc.hidden_size,
+                       intermediate_size=mc.intermediate_size, num_hidden_layers=mc.num_layers,
+                       num_attention_heads=mc.num_heads, num_key_value_heads=mc.num_kv_heads,
+                       head_dim=mc.head_dim, rope_theta=mc.rope_theta,
+                       rms_norm_eps=mc.rms_norm_eps, tie_word_embeddings=False,
+                       max_position_embeddings=max(seq_len, 128))
+  config._attn_implementation = "sdpa"  # pylint: disable=protected-access
+  torch.manual_seed(0)
+  model = Qwen2ForCausalLM(config).train()
+  opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+  gen = torch.Generator().manual_seed(0)
+  tokens = torch.randint(8, mc.vocab_size, (batch, seq_len), generator=gen)
+  mask = torch.zeros(batch, 1, seq_len, seq_len)  # additive, all visible: bidirectional
+
+  def run():
+    t = (1 - 1e-3) * torch.rand(batch, generator=gen) + 1e-3
+    masked = torch.rand(batch, seq_len, generator=gen) < t[:, None]
+    noisy = torch.where(masked, torch.full_like(tokens, mc.mask_token_id), tokens)
+    logits = model(noisy, attention_mask=mask).logits[:, :-1].float()
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, mc.vocab_size),
+                                           tokens[:, 1:].reshape(-1), reduction="none")
+    target = masked[:, 1:].reshape(-1).float()
+    weight = (1.0 / t)[:, None].expand(batch, seq_len - 1).reshape(-1)
+    loss = (ce * weight * target).sum() / target.sum().clamp(min=1)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+  return run
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--models", default="tiny,small")
+  parser.add_argument("--batch", default="16,4", help="per model, comma-separated")
+  parser.add_argument("--seq_len", default="128,128", help="per model, comma-separated")
+  parser.add_argument("--steps", type=int, default=2, help="timed steps per block (2 rounds)")
+  parser.add_argument("--dtype", default="float32")
+  parser.add_argument("--remat", default="none")
+  parser.add_argument("--no_torch", action="store_true")
+  args = parser.parse_args(argv)
+  names = args.models.split(",")
+
+  def per_model(value):
+    parts = [int(x) for x in value.split(",")]
+    return parts + [parts[-1]] * (len(names) - len(parts))
+
+  batches, lengths = per_model(args.batch), per_model(args.seq_len)
+  device = jax.devices()[0]
+  peaks = []
+
+  def measure_peak():
+    metrics.measure_matmul_peak.cache_clear()
+    peaks.append(metrics.peak_flops(cpu_dtype=np.dtype(args.dtype)))
+
+  measure_peak()
+  rows = {}
+  for name, batch, seq_len in zip(names, batches, lengths):
+    mc = model_config(name, args.dtype, args.remat)
+    runners = {"dcjax": dcjax_runner(mc, batch, seq_len)}
+    if not args.no_torch:
+      runners["torch"] = torch_runner(mc, batch, seq_len)
+    rows[name] = (mc, batch, seq_len, timed(runners, args.steps))
+    measure_peak()
+  # The best peak seen in the run (the least loaded moment): a conservative MFU.
+  peak, peak_source = max(peaks)
+  print(f"device: {device.device_kind} x {jax.device_count()}; peak {peak:.3e} FLOP/s "
+        f"({peak_source}; best of {len(peaks)})")
+  results = {"device": f"{device.platform}:{device.device_kind} x {jax.device_count()}",
+             "peak_flops": peak, "peak_source": peak_source, "dtype": args.dtype}
+  for name, (mc, batch, seq_len, times) in rows.items():
+    flops = metrics.train_flops_per_token(mc, seq_len) * batch * seq_len
+    row = {"params": mc.num_params(), "batch": batch, "seq_len": seq_len,
+           "flops_per_step": flops}
+    line = f"{name:>5}: {mc.num_params() / 1e6:7.1f}M params  B={batch} L={seq_len}"
+    for impl, seconds in times.items():
+      row.update({f"{impl}_step_s": seconds, f"{impl}_tokens_per_s": batch * seq_len / seconds,
+                  f"{impl}_mfu": flops / seconds / peak})
+      line += (f" | {impl} {seconds * 1e3:8.1f} ms/step {batch * seq_len / seconds:8.0f} tok/s "
+               f"MFU {100 * flops / seconds / peak:5.1f}%")
+    if "torch" in times:
+      row["dcjax_over_torch"] = times["torch"] / times["dcjax"]
+      line += f" | dcjax/torch {row['dcjax_over_torch']:.2f}x"
+    print(line, flush=True)
+    results[name] = row
+  print(json.dumps({k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v)
+                    for k, v in results.items()}))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,1 @@
+"""Training: optimiser, sharded train state, jitted step, checkpoints, metrics, the loop."""

@@ -1,0 +1,275 @@
+"""`mode="train"`: masked-diffusion pretraining / SFT, end to end.
+
+tokenizer -> model (init or HF) -> sharded train state (or restore) -> compiled step (memory
+analysis printed) -> loop with one-step-late metrics, held-out ELBO, async checkpoints,
+SIGTERM / non-finite handling -> final checkpoint -> one sample completion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+
+from absl import logging as absl_logging
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from dcjax.data import pipeline, sources, tokenizer_cache
+from dcjax.model import inspect as model_inspect
+from dcjax.parallel import mesh as mesh_lib
+from dcjax.parallel import sharding as sharding_lib
+from dcjax.train import checkpoint as ckpt_lib
+from dcjax.train import completion, metrics as metrics_lib, optim
+from dcjax.train import reporting
+from dcjax.train import state as state_lib
+from dcjax.train import step as step_lib
+from dcjax.train.reporting import NonFiniteLossError, log
+from dcjax.train.train_config import loss_config, validate  # noqa: F401 (validate: mode hook)
+
+RUNTIME_MODEL_FIELDS = ("dtype", "remat_policy", "attention_impl")
+
+
+def _model(config, mesh, restoring: bool, tok):
+  """(ModelConfig, params or None when restoring: the checkpoint brings them).
+
+  From `config.hf_dir` (weights loaded sharded; dtype / remat / attention taken from
+  config.model) or a sharded random init of config.model. A checkpoint without a mask id in
+  its config.json (an AR model being adapted) gets the tokenizer's <|mask|>.
+  """
+  if config.get("hf_dir"):
+    param_dtype = config.model.get("param_dtype", "float32") if "model" in config else "float32"
+    if restoring:
+      from dcjax.model import hf  # pylint: disable=import-outside-toplevel
+      model_config, params = hf.read_config(config.hf_dir)[0], None
+      model_config = dataclasses.replace(model_config, param_dtype=param_dtype, dtype=param_dtype)
+    else:
+      model_config, params = model_inspect.load_or_init(config, mesh)
+    if "model" in config:
+      overrides = {k: config.model[k] for k in RUNTIME_MODEL_FIELDS if k in config.model}
+      model_config = dataclasses.replace(model_config, **overrides)
+  elif restoring:
+    from dcjax import config as config_lib  # pylint: disable=import-outside-toplevel
+    model_config, params = config_lib.model_config(config), None
+  else:
+    model_config, params = model_inspect.load_or_init(config, mesh)
+  if model_config.mask_token_id is None:
+    model_config = dataclasses.replace(model_config, mask_token_id=tok.mask_id)
+  return model_config, params
+
+
+def _check_batch(config, mesh, shard: pipeline.HostShard) -> None:
+  t = config.train
+  batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if (t.batch_size // t.micro_batches) % batch_shards:
+    raise ValueError(f"config.train.batch_size={t.batch_size} / config.train.micro_batches="
+                     f"{t.micro_batches} must be divisible by the mesh's data x fsdp = "
+                     f"{batch_shards} batch shards")
+  if t.batch_size % shard.count:
+    raise ValueError(f"config.train.batch_size={t.batch_size} is not divisible by the "
+                     f"{shard.count} hosts")
+
+
+class _Preemption:
+  """SIGTERM (TPU preemption, `kill`) sets a flag that the loop checks after each step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+    except ValueError:  # not the main thread: no handler
+      self._previous = None
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(config, workdir: str, *, hooks=()) -> dict:
+  """Runs training; returns {"state", "stopped", "steps_done", "last_metrics", ...}.
+
+  `hooks`: callables `hook(step, metrics)` run on the host when a step's metrics arrive.
+  """
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                               interval=config.checkpoint.interval, keep=config.checkpoint.keep,
+                               async_save=config.checkpoint.async_save)
+  try:
+    return _train(config, workdir, ckpt, hooks)
+  finally:
+    ckpt.close()  # waits for an async save in flight
+
+
+def _train(config, workdir: str, ckpt: ckpt_lib.Checkpointer, hooks) -> dict:
+  d, t = config.data, config.train
+  mesh = mesh_lib.make_mesh(config.mesh)
+  log(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices")
+  source = sources.make_source(d)
+  train_docs, eval_docs = pipeline.split_source(source, int(d.eval_docs))
+  log(f"data: {source!r}: {len(train_docs)} training / {len(eval_docs)} held-out records")
+  tok = tokenizer_cache.get_tokenizer(config, workdir, train_docs, log=log)
+  latest = ckpt.latest_step() if config.checkpoint.restore else None
+  model_config, params = _model(config, mesh, restoring=latest is not None, tok=tok)
+  tokenizer_cache.check_against_model(tok, model_config)
+  tx, schedule = optim.make_optimizer(t)
+  abstract = state_lib.abstract_state(
+      nn.meta.unbox(sharding_lib.abstract_params(model_config)), tx)
+  shardings = state_lib.state_shardings(
+      abstract, sharding_lib.param_shardings(model_config, mesh), tx, mesh)
+  log(f"model: {state_lib.num_params(abstract.params):,} parameters, {model_config}")
+
+  shard = pipeline.HostShard.current()
+  _check_batch(config, mesh, shard)
+  seed = config.seed if d.shuffle_seed < 0 else d.shuffle_seed
+  iterator = iter(pipeline.dataset_from_config(
+      d, train_docs, tok, batch_size=t.batch_size // shard.count, seed=seed, shard=shard))
+  meta = ckpt_lib.make_meta(model_config, config, abstract)
+  if latest is not None:
+    state = ckpt.restore(latest, state_lib.with_shardings(abstract, shardings), iterator, meta)
+    log(f"restored step {latest} from {ckpt.directory}")
+  else:
+    state = state_lib.init_state(params, tx, config.seed, shardings)
+  del params
+  start_step = int(jax.device_get(state.step))
+  if start_step >= t.steps:
+    log(f"step {start_step} >= config.train.steps={t.steps}: nothing to train")
+    return dict(state=state, stopped="completed", steps_done=start_step, last_metrics=None,
+                eval_metrics=None, tokenizer=tok, model_config=model_config,
+                checkpoint_dir=ckpt.directory)
+
+  lcfg = loss_config(config)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  batch_shardings = {k: pipeline.batch_sharding(mesh) for k in pipeline.BATCH_KEYS}
+  step_fn = step_lib.jit_train_step(
+      step_lib.make_train_step(model_config, lcfg, tx, schedule, micro_batches=t.micro_batches,
+                               mask_id=tok.mask_id),
+      shardings, batch_shardings, replicated)
+  abstract_batch = {k: jax.ShapeDtypeStruct((t.batch_size, d.seq_len),
+                                            bool if k == "prompt_mask" else np.int32,
+                                            sharding=batch_shardings[k])
+                    for k in pipeline.BATCH_KEYS}
+  start = time.perf_counter()
+  with jax.set_mesh(mesh):
+    compiled = step_fn.lower(state_lib.with_shardings(abstract, shardings),
+                             abstract_batch).compile()
+  log(f"compiled the train step in {time.perf_counter() - start:.1f}s; memory per device: "
+      f"{compiled.memory_analysis()}")
+
+  eval_fn = jax.jit(step_lib.make_eval_step(model_config, lcfg, mask_id=tok.mask_id),
+                    in_shardings=(shardings.params, batch_shardings, None),
+                    out_shardings=replicated)
+  eval_batch = t.eval_batch_size or t.batch_size // t.micro_batches
+  eval_set = [pipeline.to_global(b, mesh) for b in pipeline.take_batches(
+      pipeline.dataset_from_config(d, eval_docs, tok, batch_size=eval_batch // shard.count,
+                                   seed=0, shard=shard, repeat=False), t.eval_batches)]
+
+  tokens_per_step = t.batch_size * d.seq_len
+  flops_per_step = metrics_lib.train_flops_per_token(model_config, d.seq_len) * tokens_per_step
+  peak, peak_source = metrics_lib.peak_flops(cpu_dtype=np.dtype(model_config.dtype))
+  log(f"train FLOPs/step {flops_per_step:.3e} (bidirectional attention); peak {peak:.3e} "
+      f"FLOP/s ({peak_source})")
+
+  def latest_checkpoint():
+    step = ckpt.latest_step()
+    return "none" if step is None else f"step {step} in {ckpt.directory}"
+
+  reporter = reporting.Reporter(
+      workdir, total_steps=t.steps, start_step=start_step, log_every=t.log_every,
+      tokens_per_step=tokens_per_step, flops_per_step=flops_per_step, peak_flops=peak,
+      latest_checkpoint=latest_checkpoint, hooks=hooks)
+
+  def evaluate(step, params):
+    metrics = reporting.held_out(eval_fn, eval_set, params, mesh, config.seed)
+    if metrics is not None:
+      reporter.evaluation(step, metrics)
+
+  try:
+    state, stopped = _loop(state, start_step, compiled, iterator, reporter, evaluate, ckpt,
+                           meta, mesh, t)
+  finally:
+    reporter.close()
+  return dict(state=state, stopped=stopped, steps_done=int(jax.device_get(state.step)),
+              last_metrics=reporter.last_metrics, eval_metrics=reporter.eval_metrics,
+              tokenizer=tok, model_config=model_config, checkpoint_dir=ckpt.directory)
+
+
+def _loop(state, start_step, compiled, iterator, reporter, evaluate, ckpt, meta, mesh, t):
+  """The step loop: (final state, "completed" | "preempted").
+
+  A step's metrics are fetched after the next step is dispatched; at a sync point (eval,
+  checkpoint, preemption, the end) they are fetched first, so a checkpoint only ever holds
+  a state whose loss and gradient were finite.
+  """
+  pending = None
+  with _Preemption() as preemption:
+    if start_step == 0:
+      evaluate(0, state.params)
+    reporter.restart_clock()
+    for step in range(start_step, t.steps):
+      data_start = time.perf_counter()
+      batch = pipeline.to_global(next(iterator), mesh)
+      data_time = time.perf_counter() - data_start
+      with jax.set_mesh(mesh):
+        state, device_metrics = compiled(state, batch)
+      if pending is not None:
+        reporter.step(*pending)
+      done = step + 1
+      pending = (done, device_metrics, data_time)
+      multihost_preempt = jax.process_count() > 1 and ckpt.manager.reached_preemption(done)
+      is_last, eval_due, save_due = done == t.steps, done % t.eval_every == 0, ckpt.should_save(done)
+      if not (preemption.requested or multihost_preempt or done == t.preempt_at_step
+              or is_last or eval_due or save_due):
+        continue
+      reporter.step(*pending)  # sync point; a hook may raise SIGTERM here
+      pending = None
+      preempt = preemption.requested or multihost_preempt or done == t.preempt_at_step
+      if eval_due or is_last:
+        evaluate(done, state.params)
+      if preempt or is_last or save_due:
+        ckpt.save(done, state, iterator, meta, force=True)
+        reporter.restart_clock()
+      if preempt:
+        log(f"preempted after step {done}: checkpoint saved to {ckpt.directory}")
+        return state, "preempted"
+    if pending is not None:
+      reporter.step(*pending)
+  return state, "completed"
+
+
+class _QuietLibraries(logging.Filter):
+  """Drops orbax's per-save INFO chatter from the absl log; warnings still pass."""
+
+  def filter(self, record):
+    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+
+def run(config, workdir: str) -> None:
+  handler = absl_logging.get_absl_handler()
+  if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
+    handler.addFilter(_QuietLibraries())
+  start = time.perf_counter()
+  try:
+    result = train(config, workdir)
+  except (NonFiniteLossError, ckpt_lib.CheckpointError) as e:
+    raise SystemExit(f"error: {e}") from None
+  log(f"training {result['stopped']} at step {result['steps_done']} in "
+      f"{time.perf_counter() - start:.0f}s; checkpoints in {result['checkpoint_dir']}")
+  if result["stopped"] != "completed" or not config.train.sample_new_tokens:
+    return
+  text, which = completion.complete(
+      config, result["model_config"], result["state"].params, result["tokenizer"],
+      config.train.sample_prompt, max_new_tokens=config.train.sample_new_tokens,
+      steps=config.train.sample_steps, mesh=mesh_lib.make_mesh(config.mesh))
+  log(f"sample completion ({which}):\n----- prompt -----\n{config.train.sample_prompt}"
+      f"----- completion -----\n{text}\n------------------")

@@ -1,0 +1,119 @@
+"""Training FLOPs and MFU (bidirectional attention), device peaks, and the metric writers.
+
+MFU = model FLOP/s / peak FLOP/s. Model FLOPs per token, forward: 2 x (matmul parameters,
+lm_head included, embedding lookup excluded) + 4 x L x heads x head_dim per layer for
+QK^T and AV over the *full* sequence (every query sees every key); training = 3 x forward
+(rematerialisation is not counted, as usual). Peaks are dense bf16 per chip from the
+vendors' data sheets; on CPU the peak is a matmul measured in the same process.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+
+# device_kind substring (lower case) -> dense bf16 FLOP/s per chip. First match wins.
+PEAK_FLOPS_BF16 = (
+    ("v6 lite", 918e12), ("v6e", 918e12),
+    ("v5 lite", 197e12), ("v5e", 197e12), ("v5p", 459e12), ("v5", 459e12),
+    ("v4", 275e12), ("v3", 123e12), ("v2", 45e12),
+    ("h200", 989e12), ("h100", 989e12), ("gh200", 989e12), ("b200", 2250e12),
+    ("a100", 312e12), ("l4", 121e12), ("a10", 125e12), ("v100", 125e12),
+)
+
+
+def matmul_params(model_config) -> int:
+  """Parameters that take part in matmuls (per token): all layers' projections + lm_head."""
+  c = model_config
+  attn = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+  mlp = 3 * c.hidden_size * c.intermediate_size
+  return c.num_layers * (attn + mlp) + c.hidden_size * c.vocab_size
+
+
+def train_flops_per_token(model_config, seq_len: int) -> float:
+  """6 N + 12 x layers x L x heads x head_dim (bidirectional attention, fwd + bwd)."""
+  c = model_config
+  attention = 4 * seq_len * c.num_heads * c.head_dim * c.num_layers
+  return 3.0 * (2.0 * matmul_params(c) + attention)
+
+
+def table_peak(device) -> float | None:
+  """Per-chip dense bf16 peak from the table, or None (CPU / unknown)."""
+  kind = getattr(device, "device_kind", "").lower()
+  if device.platform == "cpu":
+    return None
+  for key, peak in PEAK_FLOPS_BF16:
+    if key in kind:
+      return peak
+  return None
+
+
+@functools.lru_cache(maxsize=None)
+def measure_matmul_peak(n: int = 1024, dtype=jnp.float32, repeats: int = 4,
+                        chain: int = 4) -> float:
+  """Best FLOP/s of `chain` back-to-back [n, n] matmuls on the default device (cached)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype) / n ** 0.5
+
+  @jax.jit
+  def run(x):
+    return jax.lax.fori_loop(0, chain, lambda _, y: y @ a, x)
+
+  jax.block_until_ready(run(a))
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(run(a))
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * n ** 3 * chain / best
+
+
+def peak_flops(devices=None, cpu_dtype=jnp.float32) -> tuple[float, str]:
+  """(total peak FLOP/s of the devices, where the number came from)."""
+  devices = list(devices or jax.devices())
+  peak = table_peak(devices[0])
+  if peak is not None:
+    return peak * len(devices), f"table: {devices[0].device_kind} x {len(devices)}"
+  if devices[0].platform == "cpu":
+    # Host CPU devices share one thread pool: the host's measured peak is the whole budget.
+    measured = measure_matmul_peak(dtype=cpu_dtype)
+    return measured, f"measured {jnp.dtype(cpu_dtype).name} matmul on the host CPU"
+  return float("nan"), f"unknown peak for {devices[0].device_kind}"
+
+
+class MetricWriter:
+  """JSONL (`metrics.jsonl`) + TensorBoard event files in the workdir; host 0 only."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self._jsonl = None
+    self._tb = None
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      try:
+        from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      except ImportError:
+        self._tb = None
+
+  def write(self, step: int, metrics: dict[str, float], prefix: str = "train") -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{f"{prefix}/{k}": float(v) for k, v in metrics.items()}}
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for key, value in record.items():
+        if key != "step":
+          self._tb.add_scalar(key, value, int(step))
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()

@@ -1,0 +1,127 @@
+"""Checkpoints: exact resume after SIGTERM (data order included), restore into another mesh,
+clear errors for incompatible / corrupt checkpoints, and the non-finite-loss stop."""
+
+import os
+import pathlib
+import shutil
+import signal
+import sysconfig
+
+import jax
+import numpy as np
+import pytest
+
+from dcjax.config import base_config, model_config
+from dcjax.parallel import mesh as mesh_lib
+from dcjax.parallel import sharding as sharding_lib
+from dcjax.train import checkpoint as ckpt_lib
+from dcjax.train import loop, optim, reporting
+from dcjax.train import state as state_lib
+from dcjax.train.train_config import add_train_sections
+
+STEPS = 6
+
+
+def _config():
+  c = add_train_sections(base_config())
+  c.model.update(dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=1,
+                      num_heads=2, num_kv_heads=1, head_dim=16, rope_theta=10_000.0,
+                      mask_token_id=4, pad_token_id=1, eos_token_id=1))
+  c.train.update(dict(steps=STEPS, batch_size=8, lr=1e-2, warmup_steps=1, log_every=1,
+                      eval_batches=0, sample_new_tokens=0))
+  c.train.loss.truncate_prob = 0.0  # no attention mask: a smaller program to compile
+  c.data.update(dict(stdlib_root=os.path.join(sysconfig.get_paths()["stdlib"], "json"),
+                     eval_docs=1, seq_len=32, shuffle_window=16, tokenizer_vocab_size=512,
+                     tokenizer_train_chars=200_000))
+  c.checkpoint.update(dict(interval=100, keep=3))
+  return c
+
+
+def _train(config, workdir, sigterm_at=None):
+  losses = {}
+
+  def hook(step, metrics):
+    losses[step] = metrics["loss"]
+    if step == sigterm_at:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  result = loop.train(config, str(workdir), hooks=[hook])
+  return result, losses
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("straight")
+  result, losses = _train(_config(), workdir)
+  return workdir, jax.device_get(result["state"].params), losses
+
+
+def test_resume_after_sigterm_is_bit_identical(straight, tmp_path):
+  _, params, losses = straight
+  # The signal lands while step 3's metrics are read, one step late: it stops after step 4.
+  first, _ = _train(_config(), tmp_path, sigterm_at=STEPS // 2)
+  stop = STEPS // 2 + 1
+  assert first["stopped"] == "preempted" and first["steps_done"] == stop
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == [str(stop)]
+  second, second_losses = _train(_config(), tmp_path)
+  assert second["stopped"] == "completed" and second["steps_done"] == STEPS
+  # Same batches in the same order and the same masks: identical losses and parameters.
+  for step in range(stop + 1, STEPS + 1):
+    assert second_losses[step] == losses[step]
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(jax.device_get(second["state"].params))):
+    np.testing.assert_array_equal(a, b)
+
+
+def _abstract(config, mesh):
+  mc = model_config(config)
+  tx, _ = optim.make_optimizer(config.train)
+  import flax.linen as nn
+  abstract = state_lib.abstract_state(nn.meta.unbox(sharding_lib.abstract_params(mc)), tx)
+  shardings = state_lib.state_shardings(abstract, sharding_lib.param_shardings(mc, mesh), tx, mesh)
+  return mc, state_lib.with_shardings(abstract, shardings)
+
+
+def test_restore_into_other_meshes(straight):
+  workdir, params, _ = straight
+  config = _config()
+  for mesh in (mesh_lib.make_mesh({"data": 2, "fsdp": 4, "tensor": 1}),
+               mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])):
+    mc, target = _abstract(config, mesh)
+    ckpt = ckpt_lib.Checkpointer(str(workdir / "checkpoints"), interval=1, keep=3)
+    state = ckpt.restore(STEPS, target, None, ckpt_lib.make_meta(mc, config, target))
+    ckpt.close()
+    assert int(state.step) == STEPS
+    leaf = state.params["layers"]["mlp"]["gate_proj"]["kernel"]
+    assert leaf.sharding == target.params["layers"]["mlp"]["gate_proj"]["kernel"].sharding
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(jax.device_get(state.params))):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_incompatible_and_corrupt_checkpoints_say_which(straight, tmp_path):
+  workdir, _, _ = straight
+  config = _config()
+  config.model.hidden_size = 64
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"incompatible.*config\.model\.hidden_size"):
+    loop.train(config, str(workdir))
+
+  broken = tmp_path / "broken"
+  shutil.copytree(workdir / "checkpoints", broken / "checkpoints")
+  state_dir = broken / "checkpoints" / str(STEPS) / "state"
+  for path in pathlib.Path(state_dir).rglob("*"):
+    if path.is_file() and "manifest" in path.name or path.parent.name == "d":
+      path.write_bytes(b"garbage")
+  with pytest.raises(ckpt_lib.CheckpointError, match=rf"checkpoint .*{STEPS} is corrupt"):
+    loop.train(_config(), str(broken))
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
+  reporter = reporting.Reporter(
+      str(tmp_path), total_steps=10, start_step=0, log_every=1, tokens_per_step=8,
+      flops_per_step=1.0, peak_flops=1.0, latest_checkpoint=lambda: "step 4 in /ckpt")
+  finite = dict(loss=1.0, ce_masked=1.0, accuracy=0.0, grad_norm=1.0, lr=1.0, nonfinite=False)
+  reporter.step(5, finite, 0.0)
+  with pytest.raises(reporting.NonFiniteLossError,
+                     match=r"non-finite loss at step 6 .*latest checkpoint is step 4 in /ckpt"):
+    reporter.step(6, dict(finite, loss=float("nan"), nonfinite=True), 0.0)
+  reporter.close()
+  assert reporter.last_metrics["loss"] == 1.0
