@@ -1,0 +1,277 @@
+"""`mode="grpo"`: coupled-GRPO end to end (SPEC §4).
+
+tasks + tokenizer -> model (init or HF) on the mesh -> optional SFT warm start -> RL state
+(policy, AdamW, reference, rng) or a restored checkpoint -> loop of `grpo_iteration`s with
+metrics to stdout and `<workdir>/metrics.jsonl`, orbax checkpoints of the state and the
+grain prompt iterator in `<workdir>/checkpoints/` (a rerun resumes), SIGTERM handling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+
+from absl import logging as absl_logging
+import jax
+import numpy as np
+
+from dcjax import config as config_lib
+from dcjax.data import tokenizer as tokenizer_lib
+from dcjax.model import inspect as model_inspect
+from dcjax.parallel import mesh as mesh_lib
+from dcjax.rl import grpo_config, iteration, learner as learner_lib, logprobs, prompts
+from dcjax.rl import warm_start as warm_lib
+from dcjax.rl.grpo_config import validate  # noqa: F401  (the mode's validation hook)
+from dcjax.rl.loss import PolicyLossConfig
+from dcjax.rl.reward_worker import RewardWorker, TextReward
+from dcjax.train import checkpoint as ckpt_lib
+from dcjax.train import metrics as metrics_lib
+
+RUNTIME_MODEL_FIELDS = ("dtype", "remat_policy", "attention_impl")
+
+
+def _log(message: str) -> None:
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+def learner_config(config) -> learner_lib.LearnerConfig:
+  r = config.rl
+  est = logprobs.EstimatorConfig(kind=r.estimator, num_pairs=int(r.num_pairs),
+                                 t_min=float(r.t_min), t_max=float(r.t_max),
+                                 attention_mask=bool(r.logp_attention_mask))
+  loss = PolicyLossConfig(epsilon_low=float(r.epsilon_low), epsilon_high=float(r.epsilon_high),
+                          beta=float(r.beta))
+  return learner_lib.LearnerConfig(estimator=est, loss=loss, micro_batches=int(r.micro_batches),
+                                   ref_update=r.ref_update, ref_mix_alpha=float(r.ref_mix_alpha))
+
+
+def iteration_config(config, end_id: int) -> iteration.IterationConfig:
+  r = config.rl
+  return iteration.IterationConfig(
+      group_size=int(r.num_generations), num_iterations=int(r.num_iterations),
+      advantage=r.advantage, scale_rewards=bool(r.scale_rewards),
+      ref_update_every=int(r.ref_update_every),
+      sampler_kwargs=grpo_config.sampler_kwargs(config.sampler), end_id=int(end_id))
+
+
+def make_optimizer(config):
+  o = config.optim
+  return learner_lib.make_optimizer(
+      float(o.lr), int(config.rl.steps) * int(config.rl.num_iterations), b1=float(o.b1),
+      b2=float(o.b2), adam_eps=float(o.adam_eps), weight_decay=float(o.weight_decay),
+      warmup_steps=int(o.warmup_steps), end_lr_ratio=float(o.end_lr_ratio),
+      grad_clip=float(o.grad_clip))
+
+
+def get_tokenizer(config, workdir: str, tasks):
+  """config.prompts.tokenizer, else hf_dir's, else sentencepiece trained on the tasks (cached)."""
+  p = config.prompts
+  if p.tokenizer:
+    return tokenizer_lib.load_tokenizer(p.tokenizer)
+  if config.get("hf_dir"):
+    return tokenizer_lib.load_tokenizer(config.hf_dir)
+  if jax.process_count() > 1:
+    raise ValueError("config.prompts.tokenizer and config.hf_dir are empty: training a "
+                     "tokenizer in the workdir works on one host only")
+  path = os.path.join(workdir, "tokenizer", f"sp{int(p.tokenizer_vocab_size)}.model")
+  if os.path.exists(path):
+    return tokenizer_lib.load_tokenizer(path)
+  texts = []
+  for task in tasks:
+    texts.append(prompts.build_question(task["question"], task["tests"], p.add_first_test))
+    if task.get("solution"):
+      texts.append(prompts.fenced_answer(task["solution"]))
+  texts += [p.system_prompt] * 4 + ["system", "user", "assistant"]
+  tok = tokenizer_lib.train_sentencepiece(texts, int(p.tokenizer_vocab_size), path)
+  _log(f"tokenizer: trained sentencepiece ({tok.vocab_size} pieces) -> {path}")
+  return tok
+
+
+def _model(config, mesh, restoring: bool):
+  if restoring and not config.get("hf_dir"):
+    return config_lib.model_config(config), None
+  model_config, params = model_inspect.load_or_init(config, mesh)
+  if config.get("hf_dir") and "model" in config:
+    overrides = {k: config.model[k] for k in RUNTIME_MODEL_FIELDS if k in config.model}
+    model_config = dataclasses.replace(model_config, **overrides)
+  return model_config, params
+
+
+def _check_tokenizer(tok, model_config) -> None:
+  if tok.vocab_size > model_config.vocab_size:
+    raise ValueError(f"tokenizer has {tok.vocab_size} ids but config.model.vocab_size="
+                     f"{model_config.vocab_size}")
+  if model_config.mask_token_id is not None and model_config.mask_token_id != tok.mask_id:
+    raise ValueError(f"config.model.mask_token_id={model_config.mask_token_id} but the "
+                     f"tokenizer's <|mask|> is {tok.mask_id}")
+
+
+def _meta(model_config, config, state_abstract) -> dict:
+  flat = {jax.tree_util.keystr(path): list(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(state_abstract)}
+  r, p = config.rl, config.prompts
+  return dict(
+      model={k: v for k, v in model_config.to_dict().items() if k not in RUNTIME_MODEL_FIELDS},
+      data=dict(source=p.source, path=p.path, max_prompt_len=int(p.max_prompt_len),
+                synthetic_tasks=int(p.synthetic_tasks)),
+      train=dict(num_prompts=int(r.num_prompts), num_generations=int(r.num_generations),
+                 uses_reference=float(r.beta) > 0),
+      state_shapes=flat)
+
+
+class _SigTerm:
+  def __init__(self):
+    self.requested, self._previous = False, None
+
+  def __enter__(self):
+    def handler(signum, frame):
+      del signum, frame
+      self.requested = True
+    try:
+      self._previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+      self._previous = None
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_grpo(config, workdir: str, *, reward_fn=None, hooks=(), mesh=None) -> dict:
+  """Runs the RL loop; returns {"state", "history" (metrics per step), "stopped",
+  "iterator" (the prompt iterator, positioned after the last batch), ...}.
+
+  `reward_fn(HostRollout, tasks) -> RewardResult` replaces the text rewards (tests);
+  `hooks`: callables `hook(step, metrics)` after each iteration; `mesh` replaces the one
+  config.mesh describes over all devices.
+  """
+  mesh = mesh if mesh is not None else mesh_lib.make_mesh(config.mesh)
+  r, p = config.rl, config.prompts
+  _log(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices")
+  tasks = prompts.make_tasks(p)
+  tok = get_tokenizer(config, workdir, tasks)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                               interval=config.checkpoint.interval, keep=config.checkpoint.keep,
+                               async_save=config.checkpoint.async_save)
+  latest = ckpt.latest_step() if config.checkpoint.restore else None
+  model_config, params = _model(config, mesh, restoring=latest is not None)
+  if model_config.mask_token_id is None:
+    model_config = dataclasses.replace(model_config, mask_token_id=tok.mask_id)
+  _check_tokenizer(tok, model_config)
+
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  batch = r.num_prompts * r.num_generations
+  hosts = jax.process_count()
+  if r.num_prompts % hosts or (batch // r.micro_batches) % shards:
+    raise ValueError(f"config.rl.num_prompts={r.num_prompts} x num_generations="
+                     f"{r.num_generations} / micro_batches={r.micro_batches} must split evenly "
+                     f"over {hosts} hosts and the mesh's data x fsdp = {shards} batch shards")
+  tx, schedule = make_optimizer(config)
+  learner = learner_lib.Learner(model_config, learner_config(config), tx, schedule,
+                                mask_id=tok.mask_id, mesh=mesh)
+  seed = config.seed if p.shuffle_seed < 0 else p.shuffle_seed
+  iterator = iter(prompts.prompt_dataset(
+      tasks, tok, batch_size=r.num_prompts // hosts, seed=seed, max_len=int(p.max_prompt_len),
+      system_prompt=p.system_prompt, add_first_test=bool(p.add_first_test),
+      shard_index=jax.process_index(), shard_count=hosts))
+  abstract = learner.abstract_state()
+  meta = _meta(model_config, config, abstract)
+  if latest is not None:
+    state = ckpt.restore(latest, abstract, iterator, meta)
+    _log(f"restored iteration {latest} from {ckpt.directory}")
+  else:
+    if config.warm_start.steps:
+      w = config.warm_start
+      with jax.set_mesh(mesh):
+        params = warm_lib.warm_start(
+            model_config, params, tasks, tok, steps=int(w.steps), batch_size=int(w.batch_size),
+            lr=float(w.lr), max_prompt_len=int(p.max_prompt_len),
+            num_new=int(config.sampler.max_new_tokens), system_prompt=p.system_prompt,
+            seed=config.seed, add_first_test=bool(p.add_first_test), log=_log,
+            log_every=int(w.log_every))
+    state = learner.init_state(params, config.seed)
+  del params
+  start_iter = latest or 0
+
+  reward_fn = reward_fn or TextReward(tok, dict(r.reward_weights), timeout_s=r.reward_timeout_s,
+                                      workers=int(r.reward_workers) or None)
+  icfg = iteration_config(config, tok.chat_end_id)
+  writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  result = dict(stopped="completed", history=[], tokenizer=tok, model_config=model_config,
+                checkpoint_dir=ckpt.directory)
+  root = jax.random.wrap_key_data(jax.device_get(state.rng))
+  try:
+    with RewardWorker() as worker, _SigTerm() as sigterm:
+      for it in range(start_iter, int(r.steps)):
+        ids, mask, index = prompts.collate(next(iterator), int(p.pad_multiple))
+        key = jax.random.fold_in(root, it)
+        state, m, rewards = iteration.grpo_iteration(
+            learner, state, ids, mask, [tasks[i] for i in index], reward_fn, key, icfg, worker)
+        done = it + 1
+        m["iteration"], m["optimizer_step"] = done, done * int(r.num_iterations)
+        result["history"].append(m)
+        if done % r.log_every == 0 or done == r.steps or done == start_iter + 1:
+          writer.write(done, m, prefix="grpo")
+          _log(_line(done, m))
+          for text in (rewards.texts or [])[:int(r.log_completions)]:
+            _log(f"  completion: {text!r}")
+        for hook in hooks:
+          hook(done, m)
+        last = done == r.steps
+        if sigterm.requested or last or ckpt.should_save(done):
+          ckpt.save(done, state, iterator, meta, force=True)
+        if sigterm.requested:
+          result["stopped"] = "preempted"
+          _log(f"SIGTERM after iteration {done}: checkpoint saved to {ckpt.directory}")
+          break
+  finally:
+    ckpt.close()
+    writer.close()
+  result["state"], result["iterator"] = state, iterator
+  return result
+
+
+def _line(step: int, m: dict) -> str:
+  parts = [f"iter {step:4d}", f"reward {m['reward']:.3f}"]
+  parts += [f"{k[7:]} {v:.3f}" for k, v in m.items() if k.startswith("reward/")]
+  parts += [f"zero-var {m['zero_variance_groups']:.2f}", f"len {m['completion_length']:.1f}",
+            f"clip {m['clip_fraction']:.3f}", f"kl {m['kl']:.4f}", f"ent {m['entropy']:.2f}",
+            f"AR local/global {m['local_arness']:.2f}/{m['global_arness']:.2f}",
+            f"{m['step_s']:.1f}s (rollout {100 * m['rollout_share']:.0f}%, update "
+            f"{100 * m['update_share']:.0f}%, reward wait {100 * m['reward_wait_share']:.0f}%)"]
+  return " | ".join(parts)
+
+
+class _QuietOrbax(logging.Filter):
+  """Drops orbax's per-save INFO lines from the absl log; warnings still pass."""
+
+  def filter(self, record):
+    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+
+def run(config, workdir: str) -> None:
+  handler = absl_logging.get_absl_handler()
+  if not any(isinstance(f, _QuietOrbax) for f in handler.filters):
+    handler.addFilter(_QuietOrbax())
+  start = time.perf_counter()
+  try:
+    result = train_grpo(config, workdir)
+  except (iteration.NonFiniteError, ckpt_lib.CheckpointError) as e:
+    raise SystemExit(f"error: {e}") from None
+  hist = result["history"]
+  if hist:
+    first, last = hist[0], hist[-1]
+    k = min(5, len(hist))
+    head = np.mean([h["reward"] for h in hist[:k]])
+    tail = np.mean([h["reward"] for h in hist[-k:]])
+    _log(f"grpo {result['stopped']}: {len(hist)} iterations in {time.perf_counter() - start:.0f}s;"
+         f" reward {first['reward']:.3f} -> {last['reward']:.3f} (mean of first/last {k}: "
+         f"{head:.3f} -> {tail:.3f}); checkpoints in {result['checkpoint_dir']}")
+
+
+__all__ = ["run", "train_grpo", "validate"]
