@@ -20,6 +20,7 @@ import numpy as np
 
 from dcjax import config as config_lib
 from dcjax.data import tokenizer as tokenizer_lib
+from dcjax.data import tokenizer_cache
 from dcjax.model import inspect as model_inspect
 from dcjax.parallel import mesh as mesh_lib
 from dcjax.rl import grpo_config, iteration, learner as learner_lib, logprobs, prompts
@@ -101,15 +102,6 @@ def _model(config, mesh, restoring: bool):
   return model_config, params
 
 
-def _check_tokenizer(tok, model_config) -> None:
-  if tok.vocab_size > model_config.vocab_size:
-    raise ValueError(f"tokenizer has {tok.vocab_size} ids but config.model.vocab_size="
-                     f"{model_config.vocab_size}")
-  if model_config.mask_token_id is not None and model_config.mask_token_id != tok.mask_id:
-    raise ValueError(f"config.model.mask_token_id={model_config.mask_token_id} but the "
-                     f"tokenizer's <|mask|> is {tok.mask_id}")
-
-
 def _meta(model_config, config, state_abstract) -> dict:
   flat = {jax.tree_util.keystr(path): list(leaf.shape)
           for path, leaf in jax.tree_util.tree_leaves_with_path(state_abstract)}
@@ -162,7 +154,7 @@ def train_grpo(config, workdir: str, *, reward_fn=None, hooks=(), mesh=None) -> 
   model_config, params = _model(config, mesh, restoring=latest is not None)
   if model_config.mask_token_id is None:
     model_config = dataclasses.replace(model_config, mask_token_id=tok.mask_id)
-  _check_tokenizer(tok, model_config)
+  tokenizer_cache.check_against_model(tok, model_config)
 
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   batch = r.num_prompts * r.num_generations
