@@ -9,12 +9,10 @@ grain prompt iterator in `<workdir>/checkpoints/` (a rerun resumes), SIGTERM han
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import signal
 import time
 
-from absl import logging as absl_logging
 import jax
 import numpy as np
 
@@ -239,17 +237,8 @@ def _line(step: int, m: dict) -> str:
   return " | ".join(parts)
 
 
-class _QuietOrbax(logging.Filter):
-  """Drops orbax's per-save INFO lines from the absl log; warnings still pass."""
-
-  def filter(self, record):
-    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
-
-
 def run(config, workdir: str) -> None:
-  handler = absl_logging.get_absl_handler()
-  if not any(isinstance(f, _QuietOrbax) for f in handler.filters):
-    handler.addFilter(_QuietOrbax())
+  ckpt_lib.quiet_orbax_logs()
   start = time.perf_counter()
   try:
     result = train_grpo(config, workdir)

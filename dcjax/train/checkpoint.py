@@ -8,12 +8,14 @@ instead of as a shape error deep inside orbax.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 
 class CheckpointError(RuntimeError):
@@ -123,3 +125,17 @@ def check_compatible(saved: dict[str, Any], expected: dict[str, Any], where: str
         raise CheckpointError(
             f"checkpoint {where} is incompatible with this run: config.{section}.{key} was "
             f"{old.get(key)!r} when it was written, now {new.get(key)!r}")
+
+
+class _QuietOrbax(logging.Filter):
+  """Drops orbax's per-save INFO lines from the absl log; warnings still pass."""
+
+  def filter(self, record):
+    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+
+def quiet_orbax_logs() -> None:
+  """Installs the filter on absl's handler once (idempotent)."""
+  handler = absl_logging.get_absl_handler()
+  if not any(isinstance(f, _QuietOrbax) for f in handler.filters):
+    handler.addFilter(_QuietOrbax())

@@ -8,12 +8,10 @@ SIGTERM / non-finite handling -> final checkpoint -> one sample completion.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import signal
 import time
 
-from absl import logging as absl_logging
 import flax.linen as nn
 import jax
 import numpy as np
@@ -247,17 +245,8 @@ def _loop(state, start_step, compiled, iterator, reporter, evaluate, ckpt, meta,
   return state, "completed"
 
 
-class _QuietLibraries(logging.Filter):
-  """Drops orbax's per-save INFO chatter from the absl log; warnings still pass."""
-
-  def filter(self, record):
-    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
-
-
 def run(config, workdir: str) -> None:
-  handler = absl_logging.get_absl_handler()
-  if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
-    handler.addFilter(_QuietLibraries())
+  ckpt_lib.quiet_orbax_logs()
   start = time.perf_counter()
   try:
     result = train(config, workdir)
