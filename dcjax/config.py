@@ -17,6 +17,7 @@ from typing import Callable
 
 import ml_collections
 
+from dcjax.parallel import distributed
 from dcjax.model.config import ModelConfig
 from dcjax.parallel.rules import MESH_AXES
 
@@ -64,6 +65,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     size = config.mesh[axis]
     if not isinstance(size, int) or size == 0 or size < -1:
       raise ConfigError(f"config.mesh.{axis}={size!r} must be a positive integer or -1")
+  try:
+    distributed.validate(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   if not config.get("hf_dir"):
     if "model" not in config:
       raise ConfigError("config.model is missing and config.hf_dir is empty: nothing to build")
@@ -83,6 +88,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.hf_dir = ""
   c.multihost = False  # True forces jax.distributed.initialize(); TPU pods are auto-detected.
+  # Explicit multi-process setup (GPU clusters, several processes on one machine); empty
+  # coordinator_address = auto-detect. See dcjax/parallel/distributed.py.
+  c.distributed = ml_collections.ConfigDict(
+      {"coordinator_address": "", "num_processes": 0, "process_id": -1})
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   c.model = ml_collections.ConfigDict(ModelConfig(
       vocab_size=1, hidden_size=1, intermediate_size=1, num_layers=1, num_heads=1,

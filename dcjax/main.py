@@ -1,15 +1,17 @@
 """dcjax entry point: `python -m dcjax.main --config configs/<x>.py --workdir DIR`.
 
-Flags, multi-host initialisation, config validation, then dispatch on `config.mode`.
+Flags, config validation, multi-host initialisation (`dcjax.parallel.distributed`), the
+workdir (local, or gs:// through a local mirror: `dcjax.workdir`), then dispatch on
+`config.mode`.
 """
-
-import os
 
 from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
 from dcjax import config as config_lib
+from dcjax import workdir as workdir_lib
+from dcjax.parallel import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)
@@ -17,26 +19,23 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _is_multihost(config) -> bool:
-  """Multi-host when asked for, or on a TPU pod slice / a cluster JAX auto-detects."""
-  if config.get("multihost", False):
-    return True
-  tpu_hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  return "," in tpu_hosts or "JAX_COORDINATOR_ADDRESS" in os.environ
-
-
 def main(argv):
   del argv
   config = _CONFIG.value
   config_lib.validate(config)
-  if _is_multihost(config):
-    jax.distributed.initialize()
+  distributed.initialize(config)
   logging.info("process %d/%d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   run, _ = config_lib.resolve_mode(config.mode)
-  if "://" not in _WORKDIR.value:  # gs:// workdirs are created by the writers (orbax, tf.io)
-    os.makedirs(_WORKDIR.value, exist_ok=True)
-  run(config, _WORKDIR.value)
+  workdir = workdir_lib.Workdir.create(_WORKDIR.value)
+  if workdir.mirrored:
+    logging.info("workdir %s: host files in %s, pushed after each checkpoint", workdir.root,
+                 workdir.local)
+  workdir.pull()  # a run resumed on a fresh VM continues the metrics it had pushed
+  try:
+    run(config, workdir)
+  finally:
+    workdir.push()
 
 
 if __name__ == "__main__":

@@ -37,6 +37,38 @@ def test_validation_names_the_field(field, value, message):
     config_lib.validate(config)
 
 
+@pytest.mark.parametrize("fields,message", [
+    (dict(num_processes=2, process_id=0), r"coordinator_address is empty \(expected host:port\)"),
+    (dict(coordinator_address="10.0.0.2"), r"coordinator_address='10.0.0.2' must be host:port"),
+    (dict(coordinator_address="h:1", num_processes=0, process_id=0),
+     r"config.distributed.num_processes=0 must be >= 1"),
+    (dict(coordinator_address="h:1", num_processes=2, process_id=2),
+     r"config.distributed.process_id=2 must be in \[0, 2\)"),
+])
+def test_distributed_fields_are_checked_together(fields, message):
+  config = tiny.get_config()
+  config.distributed.update(fields)
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(config)
+
+
+def test_distributed_initialize_only_when_wanted(monkeypatch):
+  from dcjax.parallel import distributed  # pylint: disable=import-outside-toplevel
+  calls = []
+  monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1v-0")  # a single-host TPU VM
+  config = tiny.get_config()
+  assert not distributed.initialize(config) and calls == []
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1v-0,t1v-1,t1v-2,t1v-3")  # a v4-32 slice
+  assert distributed.initialize(config) and calls == [{}]  # JAX reads the TPU metadata
+  monkeypatch.delenv("TPU_WORKER_HOSTNAMES")
+  config.distributed.update(dict(coordinator_address="10.0.0.2:8476", num_processes=4,
+                                 process_id=3))
+  assert distributed.initialize(config)
+  assert calls[-1] == dict(coordinator_address="10.0.0.2:8476", num_processes=4, process_id=3)
+
+
 def test_mesh_shape_fills_and_checks():
   assert mesh_lib.mesh_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8) == (2, 2, 2)
   assert mesh_lib.mesh_shape({"data": 1, "fsdp": -1, "tensor": 1}, 8) == (1, 8, 1)

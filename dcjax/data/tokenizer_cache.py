@@ -2,16 +2,15 @@
 
 Order: `config.data.tokenizer` (a .model file or HF directory), else `config.hf_dir`'s
 tokenizer, else a sentencepiece model trained on the training documents and cached at
-`<workdir>/tokenizer/sp<vocab>.model` (single host only: hosts do not share a local disk).
+`<workdir>/tokenizer/sp<vocab>.model`. On several hosts process 0 trains it and the others read
+it through the workdir, which must then be shared (a gs:// bucket or a shared filesystem).
 """
 
 from __future__ import annotations
 
-import os
 import time
 
-import jax
-
+from dcjax import workdir as workdir_lib
 from dcjax.data import tokenizer as tokenizer_lib
 
 
@@ -34,24 +33,23 @@ def get_tokenizer(config, workdir: str, train_docs=None, log=print):
   if config.get("hf_dir"):
     return tokenizer_lib.load_tokenizer(config.hf_dir)
   vocab = int(data.get("tokenizer_vocab_size") or config.model.vocab_size)
-  path = os.path.join(workdir, "tokenizer", f"sp{vocab}.model")
-  if os.path.exists(path):
-    log(f"tokenizer: cached {path}")
-    return tokenizer_lib.load_tokenizer(path)
-  if jax.process_count() > 1:
-    raise ValueError("config.data.tokenizer is empty and config.hf_dir is unset: training a "
-                     "tokenizer in the workdir works on one host only; set config.data.tokenizer")
   if train_docs is None:
     raise ValueError("config.data.tokenizer is empty and no documents were given to train one")
   if data.kind != "pretrain":
     raise ValueError("config.data.tokenizer must be set for config.data.kind='sft'")
-  start = time.perf_counter()
-  texts = training_texts(train_docs, data.text_field,
-                         int(data.get("tokenizer_train_chars", 4_000_000)))
-  tok = tokenizer_lib.train_sentencepiece(texts, vocab, path)
-  log(f"tokenizer: trained sentencepiece ({vocab} pieces) in "
-      f"{time.perf_counter() - start:.1f}s -> {path}")
-  return tok
+
+  def train(path):
+    start = time.perf_counter()
+    texts = training_texts(train_docs, data.text_field,
+                           int(data.get("tokenizer_train_chars", 4_000_000)))
+    tokenizer_lib.train_sentencepiece(texts, vocab, path)
+    log(f"tokenizer: trained sentencepiece ({vocab} pieces) in "
+        f"{time.perf_counter() - start:.1f}s -> {path}")
+
+  wd = workdir_lib.resolve(workdir)
+  path = wd.shared_file(f"tokenizer/sp{vocab}.model", train)
+  log(f"tokenizer: {path}")
+  return tokenizer_lib.load_tokenizer(path)
 
 
 def check_against_model(tok, model_config) -> None:

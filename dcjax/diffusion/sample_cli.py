@@ -16,6 +16,7 @@ from ml_collections import config_dict
 import numpy as np
 
 from dcjax import config as config_lib
+from dcjax import workdir as workdir_lib
 from dcjax.diffusion import decode, visualize
 from dcjax.diffusion.sampler import CACHE_MODES, generate
 from dcjax.diffusion.schedule import ALGS
@@ -109,8 +110,9 @@ def load_model_and_tokenizer(config, mesh):
   return model_config, params, tokenizer
 
 
-def run(config, workdir: str) -> None:
+def run(config, workdir: "str | workdir_lib.Workdir") -> None:
   validate(config)
+  wd = workdir_lib.resolve(workdir)
   mesh = mesh_lib.make_mesh(config.mesh)
   model_config, params, tokenizer = load_model_and_tokenizer(config, mesh)
   text = config.prompt
@@ -136,7 +138,10 @@ def run(config, workdir: str) -> None:
   p = ids.shape[1]
   texts = decode.decode_completions(tokenizer, tokens, p)
   num_samples = int(config.get("num_samples", 1))
-  with open(os.path.join(workdir, "completions.jsonl"), "w") as f:
+  if jax.process_index() != 0:  # every process holds the same completions; one writes them
+    return
+  os.makedirs(wd.local, exist_ok=True)
+  with open(wd.path("completions.jsonl"), "w") as f:
     for i, completion in enumerate(texts[:num_samples]):
       print(f"--- sample {i}\n{completion}")
       f.write(json.dumps({"prompt": text, "completion": completion}) + "\n")
@@ -147,9 +152,9 @@ def run(config, workdir: str) -> None:
     page = visualize.decoding_order_html(token_texts, reveal, prompts=[text] * num_samples,
                                          num_steps=num_steps,
                                          title=f"Decoding order ({kwargs['alg']})")
-    html_path = os.path.join(workdir, "decoding_order.html")
+    html_path = wd.path("decoding_order.html")
     with open(html_path, "w") as f:
       f.write(page)
-    png_path = os.path.join(workdir, "decoding_order.png")
+    png_path = wd.path("decoding_order.png")
     visualize.decoding_order_png(reveal, png_path)
     print(f"decoding order: {html_path}, {png_path}")

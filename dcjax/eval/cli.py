@@ -109,9 +109,10 @@ def run_eval(config: Any, generate_fn: GenerateFn, *, workdir: str = "",
   return report
 
 
-def run(config: Any, workdir: str) -> None:
+def run(config: Any, workdir: Any) -> None:
   """Mode entry used by dcjax.main (`config.mode = "eval"`): the sampler as generate_fn."""
   from dcjax.eval.sampler_fn import make_generate_fn  # pylint: disable=import-outside-toplevel
   from dcjax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   mesh = mesh_lib.make_mesh(config.mesh)
-  run_eval(config, make_generate_fn(config, mesh), workdir=workdir)
+  from dcjax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  run_eval(config, make_generate_fn(config, mesh), workdir=workdir_lib.resolve(workdir).local)

@@ -9,7 +9,6 @@ grain prompt iterator in `<workdir>/checkpoints/` (a rerun resumes), SIGTERM han
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
 import time
 
@@ -17,6 +16,7 @@ import jax
 import numpy as np
 
 from dcjax import config as config_lib
+from dcjax import workdir as workdir_lib
 from dcjax.data import tokenizer as tokenizer_lib
 from dcjax.data import tokenizer_cache
 from dcjax.model import inspect as model_inspect
@@ -66,28 +66,27 @@ def make_optimizer(config):
       grad_clip=float(o.grad_clip))
 
 
-def get_tokenizer(config, workdir: str, tasks):
+def get_tokenizer(config, workdir: "str | workdir_lib.Workdir", tasks):
   """config.prompts.tokenizer, else hf_dir's, else sentencepiece trained on the tasks (cached)."""
   p = config.prompts
   if p.tokenizer:
     return tokenizer_lib.load_tokenizer(p.tokenizer)
   if config.get("hf_dir"):
     return tokenizer_lib.load_tokenizer(config.hf_dir)
-  if jax.process_count() > 1:
-    raise ValueError("config.prompts.tokenizer and config.hf_dir are empty: training a "
-                     "tokenizer in the workdir works on one host only")
-  path = os.path.join(workdir, "tokenizer", f"sp{int(p.tokenizer_vocab_size)}.model")
-  if os.path.exists(path):
-    return tokenizer_lib.load_tokenizer(path)
-  texts = []
-  for task in tasks:
-    texts.append(prompts.build_question(task["question"], task["tests"], p.add_first_test))
-    if task.get("solution"):
-      texts.append(prompts.fenced_answer(task["solution"]))
-  texts += [p.system_prompt] * 4 + ["system", "user", "assistant"]
-  tok = tokenizer_lib.train_sentencepiece(texts, int(p.tokenizer_vocab_size), path)
-  _log(f"tokenizer: trained sentencepiece ({tok.vocab_size} pieces) -> {path}")
-  return tok
+
+  def train(path):
+    texts = []
+    for task in tasks:
+      texts.append(prompts.build_question(task["question"], task["tests"], p.add_first_test))
+      if task.get("solution"):
+        texts.append(prompts.fenced_answer(task["solution"]))
+    texts += [p.system_prompt] * 4 + ["system", "user", "assistant"]
+    tok = tokenizer_lib.train_sentencepiece(texts, int(p.tokenizer_vocab_size), path)
+    _log(f"tokenizer: trained sentencepiece ({tok.vocab_size} pieces) -> {path}")
+
+  wd = workdir_lib.resolve(workdir)
+  return tokenizer_lib.load_tokenizer(
+      wd.shared_file(f"tokenizer/sp{int(p.tokenizer_vocab_size)}.model", train))
 
 
 def _model(config, mesh, restoring: bool):
@@ -132,7 +131,7 @@ class _SigTerm:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def train_grpo(config, workdir: str, *, reward_fn=None, hooks=(), mesh=None) -> dict:
+def train_grpo(config, workdir: "str | workdir_lib.Workdir", *, reward_fn=None, hooks=(), mesh=None) -> dict:
   """Runs the RL loop; returns {"state", "history" (metrics per step), "stopped",
   "iterator" (the prompt iterator, positioned after the last batch), ...}.
 
@@ -144,10 +143,11 @@ def train_grpo(config, workdir: str, *, reward_fn=None, hooks=(), mesh=None) -> 
   r, p = config.rl, config.prompts
   _log(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices")
   tasks = prompts.make_tasks(p)
-  tok = get_tokenizer(config, workdir, tasks)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                               interval=config.checkpoint.interval, keep=config.checkpoint.keep,
-                               async_save=config.checkpoint.async_save)
+  wd = workdir_lib.resolve(workdir)
+  tok = get_tokenizer(config, wd, tasks)
+  ckpt = ckpt_lib.Checkpointer(wd.checkpoints, interval=config.checkpoint.interval,
+                               keep=config.checkpoint.keep,
+                               async_save=config.checkpoint.async_save, after_save=wd.push)
   latest = ckpt.latest_step() if config.checkpoint.restore else None
   model_config, params = _model(config, mesh, restoring=latest is not None)
   if model_config.mask_token_id is None:
@@ -191,7 +191,7 @@ def train_grpo(config, workdir: str, *, reward_fn=None, hooks=(), mesh=None) -> 
   reward_fn = reward_fn or TextReward(tok, dict(r.reward_weights), timeout_s=r.reward_timeout_s,
                                       workers=int(r.reward_workers) or None)
   icfg = iteration_config(config, tok.chat_end_id)
-  writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  writer = metrics_lib.MetricWriter(wd.local, enabled=jax.process_index() == 0)
   result = dict(stopped="completed", history=[], tokenizer=tok, model_config=model_config,
                 checkpoint_dir=ckpt.directory)
   root = jax.random.wrap_key_data(jax.device_get(state.rng))
@@ -213,15 +213,19 @@ def train_grpo(config, workdir: str, *, reward_fn=None, hooks=(), mesh=None) -> 
         for hook in hooks:
           hook(done, m)
         last = done == r.steps
-        if sigterm.requested or last or ckpt.should_save(done):
+        # On a pod only some hosts may get SIGTERM; orbax agrees on a step for all of them.
+        preempt = sigterm.requested or (jax.process_count() > 1
+                                        and ckpt.manager.reached_preemption(done))
+        if preempt or last or ckpt.should_save(done):
           ckpt.save(done, state, iterator, meta, force=True)
-        if sigterm.requested:
+        if preempt:
           result["stopped"] = "preempted"
-          _log(f"SIGTERM after iteration {done}: checkpoint saved to {ckpt.directory}")
+          _log(f"preempted after iteration {done}: checkpoint saved to {ckpt.directory}")
           break
   finally:
     ckpt.close()
     writer.close()
+    wd.push()
   result["state"], result["iterator"] = state, iterator
   return result
 
@@ -237,7 +241,7 @@ def _line(step: int, m: dict) -> str:
   return " | ".join(parts)
 
 
-def run(config, workdir: str) -> None:
+def run(config, workdir: "str | workdir_lib.Workdir") -> None:
   ckpt_lib.quiet_orbax_logs()
   start = time.perf_counter()
   try:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
+
+from dcjax import workdir as workdir_lib
 
 
 class CheckpointError(RuntimeError):
@@ -34,8 +36,10 @@ def _flat_shapes(tree) -> dict[str, tuple]:
 class Checkpointer:
   """CheckpointManager with save interval, keep-N and (optionally) async saves."""
 
-  def __init__(self, directory: str, *, interval: int, keep: int, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+  def __init__(self, directory: str, *, interval: int, keep: int, async_save: bool = True,
+               after_save: Callable[[], object] | None = None):
+    self.directory = workdir_lib.abspath(directory)  # gs:// stays as it is
+    self.after_save = after_save  # e.g. push the workdir mirror's logs after each checkpoint
     self.interval = max(1, int(interval))
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(1, int(interval)), max_to_keep=int(keep) if keep else None,
@@ -59,10 +63,13 @@ class Checkpointer:
     args = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     if data_iterator is not None:
       args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+    saved = self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+    if saved and self.after_save is not None:
+      self.after_save()
+    return saved
 
   def read_meta(self, step: int) -> dict[str, Any]:
-    where = os.path.join(self.directory, str(step))
+    where = workdir_lib.join(self.directory, str(step))
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
       return dict(restored["meta"])
@@ -72,7 +79,7 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state, data_iterator, expected_meta: dict[str, Any]):
     """The state at `step` in `abstract_state`'s shardings; the iterator is reset in place."""
-    where = os.path.join(self.directory, str(step))
+    where = workdir_lib.join(self.directory, str(step))
     meta = self.read_meta(step)
     check_compatible(meta, expected_meta, where)
     saved_shapes = meta.get("state_shapes")

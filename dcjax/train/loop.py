@@ -8,7 +8,6 @@ SIGTERM / non-finite handling -> final checkpoint -> one sample completion.
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
 import time
 
@@ -17,6 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from dcjax import workdir as workdir_lib
 from dcjax.data import pipeline, sources, tokenizer_cache
 from dcjax.model import inspect as model_inspect
 from dcjax.parallel import mesh as mesh_lib
@@ -95,28 +95,30 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def train(config, workdir: str, *, hooks=()) -> dict:
+def train(config, workdir: "str | workdir_lib.Workdir", *, hooks=()) -> dict:
   """Runs training; returns {"state", "stopped", "steps_done", "last_metrics", ...}.
 
   `hooks`: callables `hook(step, metrics)` run on the host when a step's metrics arrive.
   """
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                               interval=config.checkpoint.interval, keep=config.checkpoint.keep,
-                               async_save=config.checkpoint.async_save)
+  wd = workdir_lib.resolve(workdir)
+  ckpt = ckpt_lib.Checkpointer(wd.checkpoints, interval=config.checkpoint.interval,
+                               keep=config.checkpoint.keep,
+                               async_save=config.checkpoint.async_save, after_save=wd.push)
   try:
-    return _train(config, workdir, ckpt, hooks)
+    return _train(config, wd, ckpt, hooks)
   finally:
     ckpt.close()  # waits for an async save in flight
+    wd.push()
 
 
-def _train(config, workdir: str, ckpt: ckpt_lib.Checkpointer, hooks) -> dict:
+def _train(config, wd: workdir_lib.Workdir, ckpt: ckpt_lib.Checkpointer, hooks) -> dict:
   d, t = config.data, config.train
   mesh = mesh_lib.make_mesh(config.mesh)
   log(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices")
   source = sources.make_source(d)
   train_docs, eval_docs = pipeline.split_source(source, int(d.eval_docs))
   log(f"data: {source!r}: {len(train_docs)} training / {len(eval_docs)} held-out records")
-  tok = tokenizer_cache.get_tokenizer(config, workdir, train_docs, log=log)
+  tok = tokenizer_cache.get_tokenizer(config, wd, train_docs, log=log)
   latest = ckpt.latest_step() if config.checkpoint.restore else None
   model_config, params = _model(config, mesh, restoring=latest is not None, tok=tok)
   tokenizer_cache.check_against_model(tok, model_config)
@@ -183,7 +185,7 @@ def _train(config, workdir: str, ckpt: ckpt_lib.Checkpointer, hooks) -> dict:
     return "none" if step is None else f"step {step} in {ckpt.directory}"
 
   reporter = reporting.Reporter(
-      workdir, total_steps=t.steps, start_step=start_step, log_every=t.log_every,
+      wd.local, total_steps=t.steps, start_step=start_step, log_every=t.log_every,
       tokens_per_step=tokens_per_step, flops_per_step=flops_per_step, peak_flops=peak,
       latest_checkpoint=latest_checkpoint, hooks=hooks)
 
@@ -245,7 +247,7 @@ def _loop(state, start_step, compiled, iterator, reporter, evaluate, ckpt, meta,
   return state, "completed"
 
 
-def run(config, workdir: str) -> None:
+def run(config, workdir: "str | workdir_lib.Workdir") -> None:
   ckpt_lib.quiet_orbax_logs()
   start = time.perf_counter()
   try:
