@@ -7,14 +7,12 @@ here).
 
 import json
 import os
-import sysconfig
 
 import pytest
 
 from dcjax import workdir as workdir_lib
-from dcjax.config import base_config
 from dcjax.train import loop
-from dcjax.train.train_config import add_train_sections
+from tests.test_checkpoint import _config as checkpoint_config
 
 
 def test_gs_paths_stay_urls(monkeypatch, tmp_path):
@@ -72,17 +70,9 @@ def test_pull_copies_only_what_the_mirror_lacks(tmp_path):
 
 
 def _config(steps):
-  c = add_train_sections(base_config())
-  c.model.update(dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=1,
-                      num_heads=2, num_kv_heads=1, head_dim=16, rope_theta=10_000.0,
-                      mask_token_id=4, pad_token_id=1, eos_token_id=1))
-  c.train.update(dict(steps=steps, batch_size=8, lr=1e-2, warmup_steps=1, log_every=1,
-                      eval_batches=0, sample_new_tokens=0))
-  c.train.loss.truncate_prob = 0.0
-  c.data.update(dict(stdlib_root=os.path.join(sysconfig.get_paths()["stdlib"], "json"),
-                     eval_docs=1, seq_len=32, shuffle_window=16, tokenizer_vocab_size=512,
-                     tokenizer_train_chars=200_000))
-  c.checkpoint.update(dict(interval=100, keep=2))  # saves at the preemption and the end
+  """test_checkpoint's small run (checkpoint interval 100: saves at a preemption and the end)."""
+  c = checkpoint_config()
+  c.train.steps = steps
   return c
 
 

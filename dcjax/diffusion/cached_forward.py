@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from dcjax.model.attention import attend
 from dcjax.model.config import ModelConfig
-from dcjax.model.layers import MLP, Dense, RMSNorm, dtype_of, param_init
+from dcjax.model.layers import MLP, Dense, Embed, RMSNorm
 from dcjax.model.rope import apply_rope, rope_cos_sin
 from dcjax.parallel.rules import LOGICAL_AXIS_RULES
 
@@ -40,11 +40,8 @@ class KVCache(NamedTuple):
 
 
 def _embed(c: ModelConfig, params, tokens_BxW):
-  embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=dtype_of(c.dtype),
-                   param_dtype=dtype_of(c.param_dtype),
-                   embedding_init=param_init(c, ("vocab", "embed")))
   return nn.with_logical_constraint(
-      embed.apply({"params": params["embed_tokens"]}, tokens_BxW), ACT_BxLxD)
+      Embed(c).apply({"params": params["embed_tokens"]}, tokens_BxW), ACT_BxLxD)
 
 
 def _proj(c: ModelConfig, p, x, heads: int, axes):

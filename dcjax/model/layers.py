@@ -86,3 +86,20 @@ class Dense(nn.Module):
       bias = self.param("bias", param_init(c, self.bias_axes, "zeros"), self.features, pdtype)
       y = y + bias.astype(dtype)
     return y
+
+
+class Embed(nn.Module):
+  """Token embedding `embedding` [V, D]. The table is gathered whole before the lookup, as
+  FSDP gathers every weight where it is used; a lookup into the vocab/fsdp-sharded table
+  would make XLA replicate the gather's output instead ("involuntary full
+  rematerialization")."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxL):
+    c = self.config
+    table_VxD = self.param("embedding", param_init(c, ("vocab", "embed")),
+                           (c.vocab_size, c.hidden_size), dtype_of(c.param_dtype))
+    table_VxD = nn.with_logical_constraint(table_VxD.astype(dtype_of(c.dtype)), (None, None))
+    return jnp.take(table_VxD, tokens_BxL, axis=0)

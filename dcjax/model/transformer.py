@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from dcjax.model.attention import Attention
 from dcjax.model.config import ModelConfig
-from dcjax.model.layers import MLP, Dense, RMSNorm, dtype_of, param_init
+from dcjax.model.layers import MLP, Dense, Embed, RMSNorm
 from dcjax.model.rope import rope_cos_sin
 
 ACT_BxLxD = ("activation_batch", "activation_length", "activation_embed")
@@ -43,10 +43,7 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens_BxL, positions_BxL, mask_BxLxL):
     c = self.config
-    embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=dtype_of(c.dtype),
-                     param_dtype=dtype_of(c.param_dtype),
-                     embedding_init=param_init(c, ("vocab", "embed")), name="embed_tokens")
-    x_BxLxD = nn.with_logical_constraint(embed(tokens_BxL), ACT_BxLxD)
+    x_BxLxD = nn.with_logical_constraint(Embed(c, name="embed_tokens")(tokens_BxL), ACT_BxLxD)
     cos_BxLxDh, sin_BxLxDh = rope_cos_sin(positions_BxL, c.head_dim, c.rope_theta)
 
     layer = DecoderLayer
