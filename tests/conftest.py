@@ -1,14 +1,27 @@
-"""Test set-up: 8 host CPU devices so sharded code runs on a real 2x2x2 mesh."""
+"""Test set-up: 8 host CPU devices so sharded code runs on a real 2x2x2 mesh, and a shared
+XLA compilation cache for the session."""
 
+import atexit
 import os
+import pathlib
+import shutil
+import tempfile
+
+import pytest
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import pathlib  # noqa: E402
-
-import pytest  # noqa: E402
+# One XLA compilation cache per test session, shared with the processes and notebook kernels
+# the tests start: many tests compile the same small programs (orbax's slicing, optimizer
+# updates, the same train step twice around a resume); it cut ~20% off the checkpoint, workdir
+# and GRPO-loop tests on 2 cores. A cache directory the caller set is used as is.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="dcjax-test-xla-cache-")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
