@@ -81,8 +81,12 @@ def test_two_process_pod_trains_checkpoints_and_resumes(tmp_path):
   data = os.listdir(os.path.join(workdir, "checkpoints", "4", "data"))
   assert {f"process_{i}-of-{HOSTS}.json" for i in range(HOSTS)} <= set(data)
 
-  out0, _ = _launch(workdir, _overrides(steps=6))
+  # The resumed run also samples at the end: one prompt on the 4-device batch axis.
+  sample = ["--config.train.sample_new_tokens=8", "--config.train.sample_steps=8"]
+  out0, out1 = _launch(workdir, _overrides(steps=6) + sample)
   assert "restored step 4" in out0
+  assert "sample completion (dcjax.diffusion.sampler.generate" in out0
+  assert "sample completion" not in out1
   assert _logged_steps(workdir) == [1, 2, 3, 4, 5, 6]
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]
 
