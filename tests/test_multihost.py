@@ -55,7 +55,7 @@ def _launch(workdir, overrides: list[str], config: str = "configs/tiny.py") -> l
   outputs = []
   try:
     for p in procs:
-      outputs.append(p.communicate(timeout=420)[0])
+      outputs.append(p.communicate(timeout=300)[0])
   finally:
     for p in procs:
       if p.poll() is None:
@@ -104,3 +104,32 @@ def test_two_process_pod_runs_coupled_grpo(tmp_path):
   assert _logged_steps(workdir, key="grpo/reward") == [1, 2]
   data = os.listdir(os.path.join(workdir, "checkpoints", "2", "data"))
   assert {f"process_{i}-of-{HOSTS}.json" for i in range(HOSTS)} <= set(data)
+
+
+SMALL_MODEL = {"model.vocab_size": 264, "model.hidden_size": 32, "model.intermediate_size": 48,
+               "model.num_layers": 1, "model.num_heads": 2, "model.num_kv_heads": 1,
+               "model.head_dim": 16, "sampler.max_new_tokens": 8, "sampler.steps": 8}
+
+
+def test_two_process_pod_samples_and_evaluates(tmp_path):
+  """Sampler outputs are sharded over both hosts; each mode gathers them, process 0 writes."""
+  sample_dir, eval_dir = str(tmp_path / "sample"), str(tmp_path / "eval")
+  fields = {**SMALL_MODEL, "num_samples": 3, "visualize": True}
+  out0, out1 = _launch(sample_dir, [f"--config.{k}={v}" for k, v in fields.items()],
+                       config="configs/sample.py")
+  with open(os.path.join(sample_dir, "completions.jsonl")) as f:
+    assert len(f.readlines()) == 3
+  assert os.path.getsize(os.path.join(sample_dir, "decoding_order.png")) > 0
+  assert "--- sample 0" in out0 and "--- sample" not in out1
+
+  fields = {**SMALL_MODEL, "eval.limit": 2, "eval.n_samples": 2, "eval.k": 1,
+            "eval.batch_size": 2, "eval.workers": 1}
+  out0, out1 = _launch(eval_dir, [f"--config.{k}={v}" for k, v in fields.items()],
+                       config="configs/eval_humaneval.py")
+  results = [f for f in os.listdir(os.path.join(eval_dir, "eval")) if f.endswith("results.jsonl")]
+  assert len(results) == 1
+  with open(os.path.join(eval_dir, "eval", results[0])) as f:
+    records = [json.loads(line) for line in f]
+  assert [r["task_id"] for r in records] == ["HumanEval/0", "HumanEval/1"]  # written once
+  assert all(len(r["completions"]) == 2 for r in records)
+  assert "pass@1" in out0 and "pass@1" not in out1

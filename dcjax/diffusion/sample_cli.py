@@ -122,18 +122,21 @@ def run(config, workdir: "str | workdir_lib.Workdir") -> None:
   batch = -(-int(config.get("num_samples", 1)) // shards) * shards
   ids, keep = decode.encode_left_padded(tokenizer, [text] * batch)
   kwargs = sampler_kwargs(config.sampler)
-  print(f"sampling {batch} x {kwargs['max_new_tokens']} tokens after a {ids.shape[1]}-token "
-        f"prompt on {dict(mesh.shape)}: {kwargs}")
+  log = print if jax.process_index() == 0 else (lambda *a, **k: None)
+  log(f"sampling {batch} x {kwargs['max_new_tokens']} tokens after a {ids.shape[1]}-token "
+      f"prompt on {dict(mesh.shape)}: {kwargs}")
 
   rng = jax.random.key(config.seed)
   start = time.perf_counter()
   out = generate(model_config, params, ids, keep, rng=rng, mesh=mesh, **kwargs)
-  tokens = np.asarray(jax.device_get(out.tokens))
+  # Collectives on a pod (the rows live on every host): all processes, before process 0 writes.
+  tokens = sharding.to_host(out.tokens)
+  reveal_all = sharding.to_host(out.reveal_step) if config.get("visualize", False) else None
   seconds = time.perf_counter() - start
   num_steps, full = int(out.num_steps), int(out.num_full_forwards)
   generated = batch * kwargs["max_new_tokens"]
-  print(f"{num_steps} steps ({full} full-canvas forwards), {seconds:.2f}s including compile, "
-        f"{generated / seconds:.1f} tokens/s")
+  log(f"{num_steps} steps ({full} full-canvas forwards), {seconds:.2f}s including compile, "
+      f"{generated / seconds:.1f} tokens/s")
 
   p = ids.shape[1]
   texts = decode.decode_completions(tokenizer, tokens, p)
@@ -146,8 +149,8 @@ def run(config, workdir: "str | workdir_lib.Workdir") -> None:
       print(f"--- sample {i}\n{completion}")
       f.write(json.dumps({"prompt": text, "completion": completion}) + "\n")
 
-  if config.get("visualize", False):
-    reveal = np.asarray(jax.device_get(out.reveal_step))[:num_samples, p:]
+  if reveal_all is not None:
+    reveal = reveal_all[:num_samples, p:]
     token_texts = [[tokenizer.decode([int(t)]) for t in row[p:]] for row in tokens[:num_samples]]
     page = visualize.decoding_order_html(token_texts, reveal, prompts=[text] * num_samples,
                                          num_steps=num_steps,

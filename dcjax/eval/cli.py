@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 from dcjax.eval.harness import EvalReport, GenerateFn, evaluate
@@ -94,25 +95,35 @@ def run_eval(config: Any, generate_fn: GenerateFn, *, workdir: str = "",
   if ev.limit:
     tasks = tasks[:ev.limit]
   output_dir = ev.output_dir or (os.path.join(workdir, "eval") if workdir else "")
+  host0 = _process_index() == 0
+  if not host0:  # on a pod every host scores the same samples; process 0 writes and prints
+    output_dir = ""
   ks = (ev.k,) if isinstance(ev.k, int) else tuple(ev.k)
   sandbox = SandboxConfig(timeout_s=float(ev.timeout_s), memory_mb=int(ev.memory_mb),
                           workers=ev.workers or None)
   report = evaluate(tasks, generate_fn, n_samples=ev.n_samples, ks=ks,
                     prompt_style=ev.prompt_style, benchmark=ev.benchmark,
                     output_dir=output_dir or None, sandbox=sandbox,
-                    batch_size=int(ev.batch_size), progress=progress)
+                    batch_size=int(ev.batch_size), progress=progress and host0)
   if output_dir and "sampler" in config:
     with open(report.paths["summary"], "w", encoding="utf-8") as f:
       json.dump({**report.summary(), "sampler": dict(config.sampler),
                  "hf_dir": config.get("hf_dir", "")}, f, indent=2)
-  print(report.table())
+  if host0:
+    print(report.table())
   return report
+
+
+def _process_index() -> int:
+  """0 without jax imported (the harness alone does not need it)."""
+  jax = sys.modules.get("jax")
+  return jax.process_index() if jax is not None else 0
 
 
 def run(config: Any, workdir: Any) -> None:
   """Mode entry used by dcjax.main (`config.mode = "eval"`): the sampler as generate_fn."""
   from dcjax.eval.sampler_fn import make_generate_fn  # pylint: disable=import-outside-toplevel
   from dcjax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
-  mesh = mesh_lib.make_mesh(config.mesh)
   from dcjax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  mesh = mesh_lib.make_mesh(config.mesh)
   run_eval(config, make_generate_fn(config, mesh), workdir=workdir_lib.resolve(workdir).local)

@@ -11,6 +11,7 @@ import numpy as np
 from dcjax.diffusion import decode
 from dcjax.diffusion.sample_cli import load_model_and_tokenizer, sampler_kwargs
 from dcjax.diffusion.sampler import generate
+from dcjax.parallel.sharding import to_host
 from dcjax.parallel.rules import MESH_AXES
 
 PROMPT_BUCKET = 64  # prompt lengths are padded to a multiple of this: few compiled shapes
@@ -38,7 +39,7 @@ def make_generate_fn(config, mesh):
         tokenizer, texts, length=-(-longest // PROMPT_BUCKET) * PROMPT_BUCKET)
     out = generate(model_config, params, ids, keep, rng=jax.random.fold_in(root, next(calls)),
                    mesh=mesh, **kwargs)
-    tokens = np.asarray(jax.device_get(out.tokens))
+    tokens = to_host(out.tokens)  # every process decodes all rows
     completions = decode.decode_completions(tokenizer, tokens, ids.shape[1])
     return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dcjax.model.config import ModelConfig
@@ -51,3 +53,11 @@ def init_params(config: ModelConfig, rng: jax.Array, mesh: Mesh | None = None,
   # No mesh context while tracing: flax would constrain DenseGeneral's flat kernel before
   # its reshape. The out_shardings alone make XLA generate each shard on its own device.
   return jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng)
+
+
+def to_host(x) -> np.ndarray:
+  """All of `x` as numpy on every process. `device_get` alone fails on an array whose shards
+  live on several hosts (a batch-sharded sampler output on a pod); those are all-gathered."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 from dcjax.diffusion.sampler import BATCH_AXES, generate
+from dcjax.parallel.sharding import to_host
 
 
 def complete(config, model_config, params, tokenizer, prompt: str, *, max_new_tokens: int,
@@ -23,9 +23,6 @@ def complete(config, model_config, params, tokenizer, prompt: str, *, max_new_to
   out = generate(model_config, params, prompt_BxP, np.ones_like(prompt_BxP, bool),
                  max_new_tokens=max_new_tokens, steps=steps, alg="entropy", temperature=0.0,
                  rng=jax.random.key(config.seed), mesh=mesh)
-  tokens = out.tokens
-  if not tokens.is_fully_addressable:  # multi-host: rows live on several processes
-    tokens = multihost_utils.process_allgather(tokens, tiled=True)
-  new_ids = np.asarray(jax.device_get(tokens))[0, len(ids):].tolist()
+  new_ids = to_host(out.tokens)[0, len(ids):].tolist()
   return (tokenizer.decode(new_ids, skip_special_tokens=True),
           "dcjax.diffusion.sampler.generate (entropy, greedy)")
