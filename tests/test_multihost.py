@@ -76,7 +76,6 @@ def test_two_process_pod_trains_checkpoints_and_resumes(tmp_path):
   assert f"over {HOSTS * DEVICES_PER_HOST} cpu devices" in out0  # one global mesh
   assert "mesh " not in out1 and "step" not in out1.replace("steps", "")  # host 0 logs alone
   assert "tokenizer: trained sentencepiece" in out0
-  assert "trained sentencepiece" not in out1  # process 1 read process 0's tokenizer
   assert _logged_steps(workdir) == [1, 2, 3, 4]  # one writer: no step twice
   data = os.listdir(os.path.join(workdir, "checkpoints", "4", "data"))
   assert {f"process_{i}-of-{HOSTS}.json" for i in range(HOSTS)} <= set(data)

@@ -46,9 +46,11 @@ def get_tokenizer(config, workdir: str, train_docs=None, log=print):
     log(f"tokenizer: trained sentencepiece ({vocab} pieces) in "
         f"{time.perf_counter() - start:.1f}s -> {path}")
 
+  trained = []
   wd = workdir_lib.resolve(workdir)
-  path = wd.shared_file(f"tokenizer/sp{vocab}.model", train)
-  log(f"tokenizer: {path}")
+  path = wd.shared_file(f"tokenizer/sp{vocab}.model", lambda p: trained.append(train(p)))
+  if not trained:
+    log(f"tokenizer: cached {path}")
   return tokenizer_lib.load_tokenizer(path)
 
 
