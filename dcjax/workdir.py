@@ -63,6 +63,8 @@ class Workdir:
   root: str
   local: str
   mirrored: bool = False
+  # (size, mtime) of each file as last pushed: push() skips files that have not changed.
+  _pushed: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
   @classmethod
   def create(cls, root: str, local: str | None = None) -> "Workdir":
@@ -121,10 +123,9 @@ class Workdir:
 
   def pull(self) -> list[str]:
     """Copies down the remote files the mirror lacks (not checkpoints); their relative paths."""
-    if not self.mirrored:
-      os.makedirs(self.local, exist_ok=True)
-      return []
     os.makedirs(self.local, exist_ok=True)
+    if not self.mirrored:
+      return []
     copied = []
     for rel in _list_files(self.root):
       dest = os.path.join(self.local, rel)
@@ -135,15 +136,20 @@ class Workdir:
     return copied
 
   def push(self) -> list[str]:
-    """Process 0 copies the mirror's files up (overwriting); their relative paths."""
+    """Process 0 copies the mirror's new or changed files up (overwriting); their paths."""
     if not self.mirrored or jax.process_index() != 0 or not os.path.isdir(self.local):
       return []
     pushed = []
     for top, dirs, files in os.walk(self.local):
       dirs[:] = [d for d in dirs if not (top == self.local and d == CHECKPOINTS)]
       for name in files:
-        rel = os.path.relpath(os.path.join(top, name), self.local)
-        _copy(os.path.join(top, name), join(self.root, *rel.split(os.sep)))
+        path = os.path.join(top, name)
+        rel = os.path.relpath(path, self.local)
+        st = os.stat(path)
+        if self._pushed.get(rel) == (st.st_size, st.st_mtime_ns):
+          continue
+        _copy(path, join(self.root, *rel.split(os.sep)))
+        self._pushed[rel] = (st.st_size, st.st_mtime_ns)
         pushed.append(rel)
     return pushed
 
@@ -173,7 +179,6 @@ def _list_files(root: str) -> list[str]:
       return []
     out = []
     for top, dirs, files in base.walk():
-      top = _epath(str(top))
       rel_top = os.path.relpath(str(top), str(base)) if str(top) != str(base) else ""
       dirs[:] = [d for d in dirs if not (rel_top == "" and d == CHECKPOINTS)]
       out += [os.path.normpath(os.path.join(rel_top, f)) for f in files]

@@ -66,6 +66,11 @@ def test_pull_copies_only_what_the_mirror_lacks(tmp_path):
   (vm / "checkpoints" / "junk").write_text("x")
   assert sorted(wd.push()) == ["metrics.jsonl", os.path.join("tensorboard", "events")]
   assert (bucket / "metrics.jsonl").read_text() == "local, newer\n"
+  assert wd.push() == []  # nothing changed since
+  with open(vm / "metrics.jsonl", "a") as f:
+    f.write("one more\n")
+  assert wd.push() == ["metrics.jsonl"]
+  assert (bucket / "metrics.jsonl").read_text() == "local, newer\none more\n"
   assert not (bucket / "checkpoints" / "junk").exists()
 
 
