@@ -28,9 +28,7 @@ from dcjax.train.train_config import add_train_sections
 
 
 def get_config():
-  c = add_train_sections(diffucoder_7b.get_config())
-  c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
-  c.model.update(dict(dtype="bfloat16", param_dtype="float32", remat_policy="dots_no_batch"))
+  c = add_train_sections(diffucoder_7b.get_config())  # FSDP mesh, bf16 compute, remat
   c.train.update(dict(
       steps=62_000, batch_size=256, micro_batches=4, lr=1e-5, warmup_steps=500,
       end_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0, log_every=10,
