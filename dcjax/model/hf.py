@@ -22,15 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from dcjax.model.config import ModelConfig
+# config.json handling lives in hf_config; its names are re-exported here for callers.
+from dcjax.model.hf_config import (CONFIG_FILE, SUPPORTED_MODEL_TYPES, CheckpointError,
+                                   hf_config_dict, read_config, tied_embeddings)
 
-SUPPORTED_MODEL_TYPES = ("Dream", "qwen2")
-CONFIG_FILE, SINGLE_FILE, INDEX_FILE = (
-    "config.json", "model.safetensors", "model.safetensors.index.json")
+SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-class CheckpointError(ValueError):
-  """A checkpoint directory is missing a file or holds tensors that do not fit the model."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,70 +76,6 @@ def tensor_maps(c: ModelConfig) -> list[TensorMap]:
   return maps
 
 
-# ----------------------------------------------------------------------------- config.json
-
-
-def read_config(path: str) -> tuple[ModelConfig, dict]:
-  """ModelConfig from a checkpoint's config.json (and the raw dict)."""
-  cfg_file = os.path.join(path, CONFIG_FILE)
-  if not os.path.exists(cfg_file):
-    raise CheckpointError(f"{cfg_file} not found: a Hugging Face checkpoint directory needs "
-                          f"{CONFIG_FILE}")
-  with open(cfg_file) as f:
-    raw = json.load(f)
-  model_type = raw.get("model_type")
-  if model_type not in SUPPORTED_MODEL_TYPES:
-    raise CheckpointError(f"{cfg_file}: model_type={model_type!r} is not supported; expected one "
-                          f"of {SUPPORTED_MODEL_TYPES}")
-  if raw.get("rope_scaling"):
-    raise CheckpointError(f"{cfg_file}: rope_scaling={raw['rope_scaling']!r} is not supported")
-  if raw.get("hidden_act", "silu") != "silu":
-    raise CheckpointError(f"{cfg_file}: hidden_act={raw['hidden_act']!r}; only 'silu' is supported")
-  missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                         "num_attention_heads") if k not in raw]
-  if missing:
-    raise CheckpointError(f"{cfg_file}: missing fields {missing}")
-
-  def token_id(key):
-    value = raw.get(key)
-    return value[0] if isinstance(value, list) else value
-
-  heads = raw["num_attention_heads"]
-  config = ModelConfig(
-      vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
-      intermediate_size=raw["intermediate_size"], num_layers=raw["num_hidden_layers"],
-      num_heads=heads, num_kv_heads=raw.get("num_key_value_heads", heads),
-      head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
-      rope_theta=float(raw.get("rope_theta", 10000.0)),
-      rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-      max_position_embeddings=raw.get("max_position_embeddings", 32768),
-      initializer_range=raw.get("initializer_range", 0.02),
-      mask_token_id=token_id("mask_token_id"), pad_token_id=token_id("pad_token_id"),
-      bos_token_id=token_id("bos_token_id"), eos_token_id=token_id("eos_token_id"))
-  config.validate(prefix=cfg_file)
-  return config, raw
-
-
-def hf_config_dict(c: ModelConfig, model_type: str = "qwen2") -> dict:
-  """A config.json for `c`; "qwen2" loads in transformers' Qwen2 classes."""
-  if model_type not in SUPPORTED_MODEL_TYPES:
-    raise ValueError(f"model_type={model_type!r} is not one of {SUPPORTED_MODEL_TYPES}")
-  arch = "Qwen2ForCausalLM" if model_type == "qwen2" else "DreamModel"
-  return {
-      "architectures": [arch], "model_type": model_type, "vocab_size": c.vocab_size,
-      "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
-      "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
-      "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim, "hidden_act": "silu",
-      "rope_theta": c.rope_theta, "rms_norm_eps": c.rms_norm_eps,
-      "max_position_embeddings": c.max_position_embeddings, "rope_scaling": None,
-      "tie_word_embeddings": False, "attention_dropout": 0.0, "use_cache": False,
-      "use_sliding_window": False, "initializer_range": c.initializer_range,
-      "torch_dtype": c.param_dtype, "mask_token_id": c.mask_token_id,
-      "pad_token_id": c.pad_token_id, "bos_token_id": c.bos_token_id,
-      "eos_token_id": c.eos_token_id,
-  }
-
-
 # ----------------------------------------------------------------------------- reading
 
 
@@ -152,6 +85,8 @@ class _Tensors:
   def __init__(self, path: str):
     from safetensors import safe_open  # pylint: disable=import-outside-toplevel
     self._open = safe_open
+    self._handles = {}
+    self._aliases: dict[str, str] = {}
     index_file, single = os.path.join(path, INDEX_FILE), os.path.join(path, SINGLE_FILE)
     if os.path.exists(index_file):
       with open(index_file) as f:
@@ -161,12 +96,9 @@ class _Tensors:
         if not os.path.exists(fname):
           raise CheckpointError(f"{index_file} lists {fname}, which does not exist")
     elif os.path.exists(single):
-      with safe_open(single, "numpy") as f:
-        self.files = {name: single for name in f.keys()}
+      self.files = {name: single for name in self._handle(single).keys()}
     else:
       raise CheckpointError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
-    self._handles = {}
-    self._aliases: dict[str, str] = {}
 
   def alias(self, name: str, source: str) -> None:
     """Reads `name` from tensor `source` (tied embeddings)."""
@@ -178,7 +110,11 @@ class _Tensors:
 
   def _handle(self, fname):
     if fname not in self._handles:
-      self._handles[fname] = self._open(fname, "numpy").__enter__()
+      try:
+        self._handles[fname] = self._open(fname, "numpy").__enter__()
+      except Exception as e:  # safetensors raises its own error type without the path
+        raise CheckpointError(f"{fname}: cannot read the safetensors file "
+                              f"({type(e).__name__}: {e}); is it truncated or corrupt?") from e
     return self._handles[fname]
 
   def shape(self, name: str) -> tuple[int, ...]:
@@ -187,7 +123,14 @@ class _Tensors:
 
   def get(self, name: str) -> np.ndarray:
     name = self._aliases.get(name, name)
-    return self._handle(self.files[name]).get_tensor(name)
+    fname = self.files[name]
+    try:
+      return self._handle(fname).get_tensor(name)
+    except CheckpointError:
+      raise
+    except Exception as e:
+      raise CheckpointError(f"{fname}: cannot read tensor {name} ({type(e).__name__}: {e}); "
+                            f"is the file truncated or corrupt?") from e
 
   def close(self):
     for handle in self._handles.values():
@@ -266,7 +209,7 @@ def load_pretrained(path: str, dtype: str = "float32", mesh=None, *,
   config = dataclasses.replace(config, param_dtype=dtype, dtype=compute_dtype or dtype)
   tensors = _Tensors(path)
   try:
-    if raw.get("tie_word_embeddings") and "lm_head.weight" not in tensors.names():
+    if tied_embeddings(raw):  # transformers ties lm_head to the embedding, file or no file
       tensors.alias("lm_head.weight", "model.embed_tokens.weight")
     _check_tensors(tensors, config, path)
     shardings = None
