@@ -12,22 +12,42 @@ from typing import Any, Mapping
 import numpy as np
 
 
+def split_record(record: Mapping[str, Any], *, messages_field: str = "messages",
+                 prompt_field: str = "prompt",
+                 response_field: str = "response") -> tuple[list[dict], str]:
+  """(the chat turns before the answer, the answer text) of a chat or prompt/response record.
+
+  Raises ValueError naming the field (config.data.*_field) that is missing or malformed.
+  """
+  if messages_field in record:
+    messages = record[messages_field]
+    if not isinstance(messages, list) or not messages:
+      raise ValueError(f"{messages_field!r} (config.data.messages_field) must be a non-empty "
+                       f"list of turns, not {str(messages)[:100]}")
+    for i, turn in enumerate(messages):
+      if not (isinstance(turn, dict) and "role" in turn and isinstance(turn.get("content"), str)):
+        raise ValueError(f"{messages_field!r} turn {i} needs a 'role' and a string 'content': "
+                         f"{str(turn)[:100]}")
+    if messages[-1]["role"] != "assistant":
+      raise ValueError(f"{messages_field!r} (config.data.messages_field) must end with an "
+                       f"assistant turn, not {messages[-1]['role']!r}")
+    return list(messages[:-1]), messages[-1]["content"]
+  if prompt_field in record and response_field in record:
+    prompt, response = record[prompt_field], record[response_field]
+    if not isinstance(prompt, str) or not isinstance(response, str):
+      raise ValueError(f"{prompt_field!r} and {response_field!r} (config.data.prompt_field / "
+                       "response_field) must hold strings")
+    return [{"role": "user", "content": prompt}], response
+  raise ValueError(f"SFT record has neither {messages_field!r} nor {prompt_field!r} + "
+                   f"{response_field!r} (config.data.*_field): keys {sorted(record)}")
+
+
 def chat_parts(record: Mapping[str, Any], tokenizer, *, messages_field: str = "messages",
                prompt_field: str = "prompt", response_field: str = "response") -> tuple[str, str]:
   """(prompt text with the generation prompt, response text) of a chat or prompt/response record."""
-  if messages_field in record:
-    messages = list(record[messages_field])
-    if not messages or messages[-1].get("role") != "assistant":
-      raise ValueError(f"SFT record's {messages_field!r} must end with an assistant turn: "
-                       f"{str(record)[:200]}")
-    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True)
-    return prompt, messages[-1]["content"]
-  if prompt_field in record and response_field in record:
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": record[prompt_field]}],
-                                           add_generation_prompt=True)
-    return prompt, record[response_field]
-  raise ValueError(f"SFT record has neither {messages_field!r} nor {prompt_field!r} + "
-                   f"{response_field!r} (config.data.*_field): keys {sorted(record)}")
+  turns, response = split_record(record, messages_field=messages_field,
+                                 prompt_field=prompt_field, response_field=response_field)
+  return tokenizer.apply_chat_template(turns, add_generation_prompt=True), response
 
 
 def encode_example(prompt: str, response: str, tokenizer, seq_len: int,

@@ -1,21 +1,98 @@
 """Random-access record sources for grain: the Python stdlib, JSONL(.gz), ArrayRecord, tfds.
 
 Every source yields dict records (e.g. {"text": ...} or {"messages": [...]}); the pipeline
-picks fields by name. `make_source(config.data)` builds the one a config names.
+picks fields by name. `make_source(config.data)` builds the one a config names, with a check
+that each record holds the fields `config.data` names: a bad file or record raises DataError
+naming the file and the line (JSONL) or record number.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import gzip
 import json
 import os
 import sysconfig
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import grain
+import numpy as np
+
+from dcjax.data import sft as sft_lib
 
 SOURCES = ("stdlib", "jsonl", "array_record", "tfds")
+
+
+class DataError(ValueError):
+  """A data file or record is unusable; the message names the file and the line or record."""
+
+
+def parse_json_line(line: bytes, where: str) -> dict[str, Any]:
+  """One JSONL line -> a dict; DataError naming `where` for bad UTF-8, bad JSON or a non-object."""
+  try:
+    record = json.loads(line.decode("utf-8"))
+  except UnicodeDecodeError as e:
+    raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start} of the "
+                    "line)") from None
+  except json.JSONDecodeError as e:
+    raise DataError(f"{where}: not valid JSON: {e}") from None
+  if not isinstance(record, dict):
+    raise DataError(f"{where}: holds a JSON {type(record).__name__}, expected an object")
+  return record
+
+
+def read_jsonl(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+  """("path:line", record) for each non-blank line of a JSONL file (plain or .gz)."""
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rb") as f:
+    for number, line in enumerate(f, 1):
+      if line.strip():
+        where = f"{path}:{number}"
+        yield where, parse_json_line(line, where)
+
+
+def record_text(record: dict[str, Any], text_field: str = "text") -> str:
+  """A pretraining record's text; ValueError naming the field when it is missing or not text."""
+  if text_field not in record:
+    raise ValueError(f"record has no field {text_field!r} (config.data.text_field); "
+                     f"keys: {sorted(record)}")
+  text = record[text_field]
+  if not isinstance(text, str):
+    raise ValueError(f"field {text_field!r} (config.data.text_field) holds a "
+                     f"{type(text).__name__}, expected a string")
+  return text
+
+
+def _sft_text(record: dict[str, Any], **fields: str) -> str:
+  return sft_lib.split_record(record, **fields)[1]
+
+
+def text_getter(data_config) -> Callable[[dict[str, Any]], str]:
+  """record -> the text `config.data` trains on (pretraining: the text field; SFT: the
+  response), raising ValueError naming the field a record lacks. Picklable."""
+  if data_config.get("kind", "pretrain") == "sft":
+    return functools.partial(_sft_text, messages_field=data_config.messages_field,
+                             prompt_field=data_config.prompt_field,
+                             response_field=data_config.response_field)
+  return functools.partial(record_text, text_field=data_config.get("text_field", "text"))
+
+
+class _CheckedSource(grain.sources.RandomAccessDataSource):
+  """A source whose records pass `check` (e.g. `text_getter`); errors name `where(index)`."""
+
+  _check: Callable[[dict[str, Any]], Any] | None = None
+
+  def where(self, index: int) -> str:
+    raise NotImplementedError
+
+  def _checked(self, record: dict[str, Any], index: int) -> dict[str, Any]:
+    if self._check is not None:
+      try:
+        self._check(record)
+      except ValueError as e:
+        raise DataError(f"{self.where(index)}: {e}") from None
+    return record
 
 
 def stdlib_files(root: str | None = None) -> list[str]:
@@ -32,12 +109,13 @@ def stdlib_files(root: str | None = None) -> list[str]:
   return sorted(files)
 
 
-class StdlibSource(grain.sources.RandomAccessDataSource):
+class StdlibSource(_CheckedSource):
   """The embedded default corpus: one record {"text", "path"} per stdlib source file."""
 
-  def __init__(self, root: str | None = None):
+  def __init__(self, root: str | None = None, check=None):
     self._root = root or sysconfig.get_paths()["stdlib"]
     self._files = stdlib_files(self._root)
+    self._check = check
 
   def __len__(self) -> int:
     return len(self._files)
@@ -45,7 +123,11 @@ class StdlibSource(grain.sources.RandomAccessDataSource):
   def __getitem__(self, index: int) -> dict[str, Any]:
     path = self._files[index]
     with open(path, encoding="utf-8", errors="replace") as f:
-      return {"text": f.read(), "path": os.path.relpath(path, self._root)}
+      record = {"text": f.read(), "path": os.path.relpath(path, self._root)}
+    return self._checked(record, index)
+
+  def where(self, index: int) -> str:
+    return self._files[index]
 
   def __repr__(self) -> str:
     return f"StdlibSource({self._root!r}, {len(self)} files)"
@@ -66,16 +148,16 @@ def expand_paths(paths: str | Sequence[str], field: str = "config.data.paths") -
   return files
 
 
-class JsonlSource(grain.sources.RandomAccessDataSource):
+class JsonlSource(_CheckedSource):
   """JSON-lines files (plain or .gz), one JSON object per line, held in memory as raw lines.
 
   Fine up to a few GB; convert larger corpora to ArrayRecord for random access from disk.
   """
 
-  def __init__(self, paths: str | Sequence[str]):
+  def __init__(self, paths: str | Sequence[str], check=None):
     self._lines: list[bytes] = []
     self._where: list[tuple[str, int]] = []
-    self._files = expand_paths(paths)
+    self._paths, self._files, self._check = paths, expand_paths(paths), check
     for path in self._files:
       opener = gzip.open if path.endswith(".gz") else open
       with opener(path, "rb") as f:
@@ -88,18 +170,14 @@ class JsonlSource(grain.sources.RandomAccessDataSource):
     return len(self._lines)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    try:
-      record = json.loads(self._lines[index])
-    except json.JSONDecodeError as e:
-      path, number = self._where[index]
-      raise ValueError(f"{path}:{number} is not valid JSON: {e}") from None
-    if not isinstance(record, dict):
-      path, number = self._where[index]
-      raise ValueError(f"{path}:{number} holds a {type(record).__name__}, expected an object")
-    return record
+    return self._checked(parse_json_line(self._lines[index], self.where(index)), index)
+
+  def where(self, index: int) -> str:
+    path, number = self._where[index]
+    return f"{path}:{number}"
 
   def __repr__(self) -> str:
-    return f"JsonlSource({len(self._files)} files, {len(self)} records)"
+    return f"JsonlSource({self._paths!r}: {len(self._files)} files, {len(self)} records)"
 
 
 def decode_record(raw: bytes | str | dict) -> dict[str, Any]:
@@ -118,28 +196,38 @@ def decode_record(raw: bytes | str | dict) -> dict[str, Any]:
   return {"text": text}
 
 
-class ArrayRecordSource(grain.sources.RandomAccessDataSource):
+class ArrayRecordSource(_CheckedSource):
   """ArrayRecord files whose records are JSON objects or raw UTF-8 text."""
 
-  def __init__(self, paths: str | Sequence[str]):
-    self._files = expand_paths(paths)
+  def __init__(self, paths: str | Sequence[str], check=None):
+    self._paths, self._files, self._check = paths, expand_paths(paths), check
     self._source = grain.sources.ArrayRecordDataSource(self._files)
 
   def __len__(self) -> int:
     return len(self._source)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    return decode_record(self._source[index])
+    return self._checked(decode_record(self._source[index]), index)
+
+  def where(self, index: int) -> str:
+    """"file record k" (counted from 0 within the file); only called for an error."""
+    for path in self._files:
+      count = len(grain.sources.ArrayRecordDataSource([path]))
+      if index < count:
+        return f"{path} record {index}"
+      index -= count
+    return f"record {index} past the end of {self._paths!r}"
 
   def __repr__(self) -> str:
-    return f"ArrayRecordSource({len(self._files)} files, {len(self)} records)"
+    return f"ArrayRecordSource({self._paths!r}: {len(self._files)} files, {len(self)} records)"
 
 
-class TfdsSource(grain.sources.RandomAccessDataSource):
+class TfdsSource(_CheckedSource):
   """`tfds.data_source(name, split)` (ArrayRecord-backed); tensorflow-datasets is imported
   only when this source is used."""
 
-  def __init__(self, name: str, split: str = "train", data_dir: str | None = None):
+  def __init__(self, name: str, split: str = "train", data_dir: str | None = None, check=None):
+    self._name, self._split, self._check = name, split, check
     try:
       import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
     except ImportError as e:
@@ -151,21 +239,44 @@ class TfdsSource(grain.sources.RandomAccessDataSource):
     return len(self._source)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    return decode_record(self._source[index])
+    return self._checked(decode_record(self._source[index]), index)
+
+  def where(self, index: int) -> str:
+    return f"tfds {self._name}/{self._split} record {index}"
 
 
 def make_source(data_config) -> grain.sources.RandomAccessDataSource:
-  """The source that `config.data.source` names."""
-  kind = data_config.source
+  """The source that `config.data.source` names; its records are checked by `text_getter`."""
+  kind, check = data_config.source, text_getter(data_config)
   if kind == "stdlib":
-    return StdlibSource(data_config.get("stdlib_root") or None)
+    return StdlibSource(data_config.get("stdlib_root") or None, check=check)
   if kind == "jsonl":
-    return JsonlSource(data_config.paths)
+    return JsonlSource(data_config.paths, check=check)
   if kind == "array_record":
-    return ArrayRecordSource(data_config.paths)
+    return ArrayRecordSource(data_config.paths, check=check)
   if kind == "tfds":
     if not data_config.get("tfds_name"):
       raise ValueError("config.data.tfds_name is empty but config.data.source='tfds'")
     return TfdsSource(data_config.tfds_name, data_config.get("tfds_split", "train"),
-                      data_config.get("tfds_data_dir") or None)
+                      data_config.get("tfds_data_dir") or None, check=check)
   raise ValueError(f"config.data.source={kind!r} is not one of {SOURCES}")
+
+
+def require_text(docs, data_config, what: str, source=None, sample: int = 256) -> None:
+  """DataError unless some record of `docs` holds non-blank text to train on.
+
+  Looks at up to `sample` records spread evenly over `docs` (stopping at the first with
+  text), so a corpus of empty texts stops here instead of training on end-of-text tokens.
+  `what` names the records ("training", "held-out"); `source` is shown in the message.
+  """
+  text_of = text_getter(data_config)
+  indices = np.unique(np.linspace(0, len(docs) - 1, min(len(docs), sample)).astype(int))
+  for index in indices:
+    if text_of(docs[int(index)]).strip():
+      return
+  field = ("the response (config.data.messages_field / response_field)"
+           if data_config.get("kind") == "sft"
+           else f"field {data_config.get('text_field', 'text')!r} (config.data.text_field)")
+  raise DataError(f"{source if source is not None else 'config.data'}: none of the "
+                  f"{len(indices)} {what} records checked (of {len(docs)}) has any text in "
+                  f"{field}: nothing to train or evaluate on")

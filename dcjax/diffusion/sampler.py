@@ -141,6 +141,8 @@ def generate(config: Any, params, prompt_ids_BxP, prompt_mask_BxP=None, *, max_n
     raise ValueError("config.mask_token_id is None: the sampler needs the mask token id")
   prompt_ids_BxP, prompt_mask_BxP = _check_prompts(prompt_ids_BxP, prompt_mask_BxP)
   b, p = prompt_ids_BxP.shape
+  c.check_positions(p + int(max_new_tokens),  # the canvas: padded prompt width + completion
+                    f"a {p}-token prompt + max_new_tokens={max_new_tokens}")
   _check_options(alg, temperature, top_p, top_k, alg_temp, threshold, cache, cache_refresh_every)
   sample = temperature > 0
   use_alg_temp = alg_temp is not None and alg_temp > 0

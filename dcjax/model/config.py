@@ -55,7 +55,7 @@ class ModelConfig:
   def validate(self, prefix: str = "config.model") -> None:
     """Raises ValueError naming the first bad field."""
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                 "num_kv_heads", "head_dim"):
+                 "num_kv_heads", "head_dim", "max_position_embeddings"):
       value = getattr(self, name)
       if not isinstance(value, int) or value <= 0:
         raise ValueError(f"{prefix}.{name}={value!r} must be a positive integer")
@@ -78,6 +78,16 @@ class ModelConfig:
     if self.mask_token_id is not None and not 0 <= self.mask_token_id < self.vocab_size:
       raise ValueError(f"{prefix}.mask_token_id={self.mask_token_id} is outside the vocabulary "
                        f"[0, {self.vocab_size})")
+
+  def check_positions(self, length: int, what: str, where: str = "") -> None:
+    """Raises ValueError when `what` needs more than max_position_embeddings positions.
+
+    `where` names the model config the limit comes from (e.g. "config.model").
+    """
+    if length > self.max_position_embeddings:
+      source = f" ({where})" if where else ""
+      raise ValueError(f"{what} = {length} positions, more than the model's "
+                       f"max_position_embeddings={self.max_position_embeddings}{source}")
 
   def num_params(self) -> int:
     """Exact parameter count of the architecture (agrees with jax.eval_shape)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ml_collections
 
 from dcjax.data.tokenizer import DEFAULT_SYSTEM_PROMPT
+from dcjax.model.config import ModelConfig
 
 ESTIMATORS = ("coupled", "decoupled", "full")
 ADVANTAGES = ("mean", "loo")
@@ -106,6 +107,20 @@ def _choice(section, name, prefix, choices):
     raise GRPOConfigError(f"{prefix}.{name}={section.get(name)!r} is not one of {choices}")
 
 
+def _check_canvas(config) -> None:
+  """The longest rollout canvas (max_prompt_len + max_new_tokens) fits the model's positions."""
+  try:
+    model_config = ModelConfig.from_dict(config.model.to_dict())
+  except (TypeError, ValueError):
+    return  # reported by dcjax.config.validate
+  p, n = config.prompts.max_prompt_len, config.sampler.max_new_tokens
+  try:
+    model_config.check_positions(p + n, f"config.prompts.max_prompt_len={p} + "
+                                 f"config.sampler.max_new_tokens={n}", "config.model")
+  except ValueError as e:
+    raise GRPOConfigError(str(e)) from None
+
+
 def validate(config) -> None:
   """Checks the grpo sections; raises GRPOConfigError naming the first bad field."""
   for name in ("rl", "optim", "sampler", "prompts", "warm_start", "checkpoint"):
@@ -173,6 +188,8 @@ def validate(config) -> None:
     raise GRPOConfigError(f"config.prompts.path is empty but config.prompts.source="
                           f"{p.source!r} reads a JSONL file")
   _int(p, "max_prompt_len", "config.prompts")
+  if not config.get("hf_dir") and "model" in config:  # hf_dir: the sampler checks each canvas
+    _check_canvas(config)
   _int(p, "pad_multiple", "config.prompts")
   _int(p, "synthetic_tasks", "config.prompts")
   _int(p, "tokenizer_vocab_size", "config.prompts", 0)

@@ -26,6 +26,7 @@ from typing import Sequence
 import grain
 import numpy as np
 
+from dcjax.data.sources import DataError, read_jsonl
 from dcjax.rl import synthetic
 
 STUB_MARK = "\n```\n"
@@ -60,30 +61,37 @@ def fenced_answer(solution: str) -> str:
 # ----------------------------------------------------------------------------- sources
 
 
-def _read_jsonl(path: str, field: str) -> list[dict]:
+def _read_jsonl(path: str, field: str) -> list[tuple[str, dict]]:
+  """("path:line", record) pairs; DataError naming the line for bad UTF-8 or JSON."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"{field}={path!r}: no such file")
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return list(read_jsonl(path))
 
 
 def load_jsonl_tasks(path: str, question_field: str = "question",
                      tests_field: str = "test_cases") -> list[dict]:
   """AceCode-style JSONL -> tasks (records without a question or asserts are dropped)."""
   tasks = []
-  for i, rec in enumerate(_read_jsonl(path, "config.prompts.path")):
+  for where, rec in _read_jsonl(path, "config.prompts.path"):
     if question_field not in rec or tests_field not in rec:
-      raise KeyError(f"{path} line {i + 1} lacks {question_field!r} "
-                     f"(config.prompts.question_field) or {tests_field!r} "
-                     f"(config.prompts.tests_field); keys: {sorted(rec)}")
+      raise DataError(f"{where}: record lacks {question_field!r} "
+                      f"(config.prompts.question_field) or {tests_field!r} "
+                      f"(config.prompts.tests_field); keys: {sorted(rec)}")
     tests = rec[tests_field]
-    if isinstance(tests, str):
-      tests = json.loads(tests) if tests.strip().startswith("[") else [tests]
+    if isinstance(tests, str) and tests.strip().startswith("["):
+      try:
+        tests = json.loads(tests)
+      except json.JSONDecodeError as e:
+        raise DataError(f"{where}: {tests_field!r} is a string that is not a JSON list: "
+                        f"{e}") from None
+    elif isinstance(tests, str):
+      tests = [tests]
     if rec[question_field] and tests:
       tasks.append(dict(question=rec[question_field], tests=list(tests),
                         solution=rec.get("solution")))
   if not tasks:
-    raise ValueError(f"config.prompts.path={path!r} holds no usable tasks")
+    raise DataError(f"config.prompts.path={path!r} holds no usable tasks (every record's "
+                    f"{question_field!r} or {tests_field!r} is empty)")
   return tasks
 
 
@@ -99,7 +107,10 @@ def load_mbpp_tasks(path: str, task_ids: str = "601-974") -> list[dict]:
   """MBPP records with low <= task_id <= high -> tasks (setup code prepended to asserts)."""
   low, high = parse_id_range(task_ids)
   tasks = []
-  for rec in _read_jsonl(path, "config.prompts.path"):
+  for where, rec in _read_jsonl(path, "config.prompts.path"):
+    missing = [k for k in ("task_id", "text", "test_list") if k not in rec]
+    if missing:
+      raise DataError(f"{where}: MBPP record lacks {missing}; keys: {sorted(rec)}")
     if not low <= int(rec["task_id"]) <= high:
       continue
     setup = (rec.get("test_setup_code") or "").strip()

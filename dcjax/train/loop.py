@@ -27,7 +27,8 @@ from dcjax.train import reporting
 from dcjax.train import state as state_lib
 from dcjax.train import step as step_lib
 from dcjax.train.reporting import NonFiniteLossError, log
-from dcjax.train.train_config import loss_config, validate  # noqa: F401 (validate: mode hook)
+from dcjax.train.train_config import TrainConfigError, check_seq_len, loss_config
+from dcjax.train.train_config import validate  # noqa: F401 (the mode's validation hook)
 
 RUNTIME_MODEL_FIELDS = ("dtype", "remat_policy", "attention_impl")
 
@@ -118,9 +119,14 @@ def _train(config, wd: workdir_lib.Workdir, ckpt: ckpt_lib.Checkpointer, hooks) 
   source = sources.make_source(d)
   train_docs, eval_docs = pipeline.split_source(source, int(d.eval_docs))
   log(f"data: {source!r}: {len(train_docs)} training / {len(eval_docs)} held-out records")
+  sources.require_text(train_docs, d, "training", source)
+  if t.eval_batches:
+    sources.require_text(eval_docs, d, "held-out", source)
   tok = tokenizer_cache.get_tokenizer(config, wd, train_docs, log=log)
   latest = ckpt.latest_step() if config.checkpoint.restore else None
   model_config, params = _model(config, mesh, restoring=latest is not None, tok=tok)
+  if config.get("hf_dir"):
+    check_seq_len(config, model_config, f"{config.hf_dir}/config.json")
   tokenizer_cache.check_against_model(tok, model_config)
   tx, schedule = optim.make_optimizer(t)
   abstract = state_lib.abstract_state(
@@ -173,6 +179,11 @@ def _train(config, wd: workdir_lib.Workdir, ckpt: ckpt_lib.Checkpointer, hooks) 
   eval_set = [pipeline.to_global(b, mesh) for b in pipeline.take_batches(
       pipeline.dataset_from_config(d, eval_docs, tok, batch_size=eval_batch // shard.count,
                                    seed=0, shard=shard, repeat=False), t.eval_batches)]
+  if t.eval_batches and not eval_set:
+    raise sources.DataError(
+        f"{source!r}: the {len(eval_docs)} held-out records (config.data.eval_docs) fill no "
+        f"[{eval_batch}, {d.seq_len}] batch: raise config.data.eval_docs, or set "
+        "config.train.eval_batches=0 for no held-out evaluation")
 
   tokens_per_step = t.batch_size * d.seq_len
   flops_per_step = metrics_lib.train_flops_per_token(model_config, d.seq_len) * tokens_per_step
@@ -252,7 +263,8 @@ def run(config, workdir: "str | workdir_lib.Workdir") -> None:
   start = time.perf_counter()
   try:
     result = train(config, workdir)
-  except (NonFiniteLossError, ckpt_lib.CheckpointError) as e:
+  except (NonFiniteLossError, ckpt_lib.CheckpointError, sources.DataError,
+          TrainConfigError) as e:
     raise SystemExit(f"error: {e}") from None
   log(f"training {result['stopped']} at step {result['steps_done']} in "
       f"{time.perf_counter() - start:.0f}s; checkpoints in {result['checkpoint_dir']}")

@@ -7,6 +7,7 @@ import ml_collections
 from dcjax.data.sources import SOURCES
 from dcjax.diffusion import forward_process as fp
 from dcjax.diffusion import losses
+from dcjax.model.config import ModelConfig
 
 
 class TrainConfigError(ValueError):
@@ -58,6 +59,15 @@ def _positive_int(section, name, prefix, minimum=1):
     raise TrainConfigError(f"{prefix}.{name}={value!r} must be an integer >= {minimum}")
 
 
+def check_seq_len(config, model_config: ModelConfig, where: str) -> None:
+  """TrainConfigError when config.data.seq_len exceeds the model's max_position_embeddings."""
+  seq_len = config.data.seq_len
+  try:
+    model_config.check_positions(seq_len, "config.data.seq_len", where)
+  except ValueError as e:
+    raise TrainConfigError(str(e)) from None
+
+
 def validate(config) -> None:
   """Checks the mode's sections; raises TrainConfigError naming the first bad field."""
   for name in ("train", "data", "checkpoint"):
@@ -88,6 +98,17 @@ def validate(config) -> None:
     raise TrainConfigError(f"config.data.paths is empty but config.data.source={d.source!r}")
   _positive_int(d, "seq_len", "config.data", 2)
   _positive_int(d, "eval_docs", "config.data", 0)
+  if t.eval_batches and not d.eval_docs:
+    raise TrainConfigError(f"config.train.eval_batches={t.eval_batches} but config.data."
+                           "eval_docs=0: no held-out records to evaluate on (set eval_docs > 0, "
+                           "or eval_batches=0 for no held-out evaluation)")
+  if not config.get("hf_dir") and "model" in config:  # hf_dir: checked after config.json is read
+    try:
+      model_config = ModelConfig.from_dict(config.model.to_dict())
+    except (TypeError, ValueError):
+      model_config = None  # reported by dcjax.config.validate
+    if model_config is not None:
+      check_seq_len(config, model_config, "config.model")
   if d.kind == "sft" and d.sft_pad not in ("pad", "dlm_pad"):
     raise TrainConfigError(f"config.data.sft_pad={d.sft_pad!r} must be 'pad' or 'dlm_pad'")
   _positive_int(k, "interval", "config.checkpoint")
