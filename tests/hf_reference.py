@@ -8,8 +8,9 @@ TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_lay
             rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=256)
 
 
-def random_qwen2(seed: int = 0, **overrides) -> Qwen2ForCausalLM:
-  """A Qwen2 model with every weight random (biases and norm weights included)."""
+def random_qwen2(seed: int = 0, scale: float = 0.1, **overrides) -> Qwen2ForCausalLM:
+  """A Qwen2 model with every weight random (biases and norm weights included); a larger
+  `scale` makes its distributions more peaked."""
   config = Qwen2Config(**{**TINY, **overrides})
   config._attn_implementation = "eager"  # pylint: disable=protected-access
   torch.manual_seed(seed)
@@ -19,7 +20,7 @@ def random_qwen2(seed: int = 0, **overrides) -> Qwen2ForCausalLM:
       if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
         p.copy_(1.0 + 0.2 * torch.randn_like(p))
       else:
-        p.copy_(0.1 * torch.randn_like(p))
+        p.copy_(scale * torch.randn_like(p))
   return model
 
 

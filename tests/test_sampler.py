@@ -81,7 +81,8 @@ def reference_decode(params, ids, keep, *, max_new_tokens, steps, alg, eps=1e-3,
   """SPEC §3 as a plain Python loop: one `dcjax.model.apply` call per step.
 
   Greedy proposals (temperature 0), Dream's float32 schedule from torch.linspace, LLaDA
-  counts per block; the mask token is never proposed (dcjax). Returns (tokens, reveal_step).
+  counts per block; confidences on the distribution with the mask token, which is never
+  proposed (dcjax). Returns (tokens, reveal_step).
   """
   b, p = ids.shape
   n = max_new_tokens
@@ -100,12 +101,12 @@ def reference_decode(params, ids, keep, *, max_new_tokens, steps, alg, eps=1e-3,
     for i in range(steps_per_block):
       logits = torch.from_numpy(np.array(forward(params, x, keep), np.float32))
       logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)  # position j reads j - 1
-      logits[..., MASK] = -torch.inf
       masked = torch.from_numpy(x == MASK)
       masked[:, :lo] = False
       masked[:, hi:] = False
-      probs = torch.softmax(logits, dim=-1)
-      confidence, x0 = probs.max(dim=-1)
+      probs = torch.softmax(logits, dim=-1)  # Dream's distribution: the mask token included
+      x0 = torch.where(torch.arange(probs.shape[-1]) == MASK, -1.0, probs).argmax(dim=-1)
+      confidence = torch.gather(probs, -1, x0[..., None])[..., 0]
       if alg == "topk_margin":
         top2 = torch.sort(probs, dim=-1, descending=True)[0]
         confidence = top2[..., 0] - top2[..., 1]

@@ -64,11 +64,26 @@ def test_greedy_confidences_match_reference(logits_NxV, alg, top_p, top_k):
   np.testing.assert_allclose(np.asarray(prob), confs["maskgit_plus"], rtol=1e-5, atol=1e-7)
 
 
-def test_forbidden_token_gets_no_mass(logits_NxV):
+@pytest.mark.parametrize("alg", ["maskgit_plus", "topk_margin", "entropy"])
+def test_forbidden_token_is_never_proposed_but_keeps_its_mass(logits_NxV, alg):
   x = logits_NxV.copy()
-  x[:, 3] = 50.0  # would be every row's argmax
-  token, _, _ = proposals.propose(jnp.asarray(x), None, alg="maskgit_plus", forbidden_token=3)
-  assert (np.asarray(token) != 3).all()
+  x[:, 3] += 3.0  # the mask token: the argmax of many rows
+  _, _, confs = torch_sample_tokens(x, 0.0, 0.9, None)  # Dream's confidences, mask included
+  token, confidence, prob = proposals.propose(jnp.asarray(x), None, alg=alg, top_p=0.9,
+                                              forbidden_token=3)
+  token = np.asarray(token)
+  assert (token != 3).all() and (x.argmax(-1) == 3).sum() > 10
+  probs = np.asarray(jax.nn.softmax(proposals.filtered_logits(jnp.asarray(x), top_p=0.9)))
+  np.testing.assert_allclose(np.asarray(prob), probs[np.arange(len(x)), token], rtol=1e-6)
+  if alg != "maskgit_plus":  # margin and entropy do not depend on the proposed token
+    np.testing.assert_allclose(np.asarray(confidence), confs[alg], rtol=1e-5, atol=1e-6)
+  kept = probs > 0
+  kept[:, 3] = False
+  only_mask = ~kept.any(-1)
+  best_kept = np.where(kept, x, -np.inf).argmax(-1)
+  best_any = np.where(np.arange(x.shape[1]) == 3, -np.inf, x).argmax(-1)
+  np.testing.assert_array_equal(token, np.where(only_mask, best_any, best_kept))
+  assert only_mask.any() and (~only_mask).any()  # both the usual and the fallback case ran
 
 
 def test_sampling_follows_filtered_distribution():

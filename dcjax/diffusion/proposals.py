@@ -1,4 +1,4 @@
-"""Token proposals and confidences (Dream's `sample_tokens`, SPEC §3), and position picking.
+"""Token proposals and confidences (Dream's `sample_tokens`, docs/sampler.md), and position picking.
 
 All in float32 whatever the model's compute dtype. Filtered-out vocabulary entries get
 -inf (Dream writes the float minimum; both give probability exactly 0 after softmax).
@@ -37,14 +37,9 @@ def top_k_filter(logits_NxV: jax.Array, top_k: int) -> jax.Array:
 
 
 def filtered_logits(logits_NxV: jax.Array, *, temperature=None, top_p=None,
-                    top_k: int | None = None, forbidden_token: int | None = None) -> jax.Array:
-  """float32 logits / temperature (when given), then top-p, then top-k, as Dream orders them.
-
-  `forbidden_token` (the mask id) is removed first, so a revealed position never holds it.
-  """
+                    top_k: int | None = None) -> jax.Array:
+  """float32 logits / temperature (when given), then top-p, then top-k, as Dream orders them."""
   x = logits_NxV.astype(jnp.float32)
-  if forbidden_token is not None:
-    x = x.at[..., forbidden_token].set(-jnp.inf)
   if temperature is not None:
     x = x / temperature
   if top_p is not None:
@@ -56,24 +51,34 @@ def filtered_logits(logits_NxV: jax.Array, *, temperature=None, top_p=None,
 
 def propose(logits_NxV: jax.Array, rng: jax.Array | None, *, alg: str, temperature=None,
             top_p=None, top_k: int | None = None, forbidden_token: int | None = None):
-  """Dream's `sample_tokens` over the last axis.
+  """Dream's `sample_tokens` over the last axis (docs/sampler.md, "Proposals").
 
-  `temperature` None means greedy (Dream's temperature 0); otherwise the tempered filtered
-  distribution is sampled with `rng`. Returns (token int32, confidence float32, probability
-  of the proposed token float32), each shaped like `logits_NxV[..., 0]`:
-  confidence is that probability (`maskgit_plus`, `origin`), p1 - p2 (`topk_margin`) or
-  sum p log(p + 1e-10) (`entropy`), all on the tempered filtered distribution.
-  `forbidden_token` (the sampler passes the mask id) gets probability 0.
+  Dream's distribution is the tempered, top-p / top-k filtered softmax of the logits, the
+  mask token included. Every confidence is read from it: the proposed token's probability
+  (`maskgit_plus`, `origin`, and the threshold rule), p1 - p2 (`topk_margin`), or
+  sum p log(p + 1e-10) (`entropy`). Only the choice of token differs from Dream:
+  `forbidden_token` (the sampler passes the mask id) is never proposed, so the argmax, or the
+  sample when `temperature` is given, is over the other tokens Dream's filters kept (over all
+  other tokens when the filters kept the mask token alone). `temperature` None is greedy
+  (Dream's temperature 0). Returns (token int32, confidence float32, probability of the
+  proposed token float32), each shaped like `logits_NxV[..., 0]`.
   """
-  x = filtered_logits(logits_NxV, temperature=temperature, top_p=top_p, top_k=top_k,
-                      forbidden_token=forbidden_token)
+  x = filtered_logits(logits_NxV, temperature=temperature, top_p=top_p, top_k=top_k)
   probs = jax.nn.softmax(x, axis=-1)
+  choice = x
+  if forbidden_token is not None:
+    choice = x.at[..., forbidden_token].set(-jnp.inf)
+    fallback = logits_NxV.astype(jnp.float32).at[..., forbidden_token].set(-jnp.inf)
+    if temperature is not None:
+      fallback = fallback / temperature
+    nothing_left = jnp.all(choice == -jnp.inf, axis=-1, keepdims=True)
+    choice = jnp.where(nothing_left, fallback, choice)
   if temperature is None:
-    token = jnp.argmax(probs, axis=-1)
+    token = jnp.argmax(choice, axis=-1)
   else:
     if rng is None:
       raise ValueError("propose: sampling (temperature > 0) needs an rng key")
-    token = jax.random.categorical(rng, x, axis=-1)
+    token = jax.random.categorical(rng, choice, axis=-1)
   token = token.astype(jnp.int32)
   prob = jnp.take_along_axis(probs, token[..., None], axis=-1)[..., 0]
   if alg in ("maskgit_plus", "origin"):

@@ -1,4 +1,4 @@
-"""The jitted parallel-unmasking sampler: Dream's `diffusion_generate` (SPEC §3) and beyond.
+"""The jitted parallel-unmasking sampler: Dream's `diffusion_generate` (docs/sampler.md) and beyond.
 
 `generate` runs one compiled program: a `lax.fori_loop` over the steps (a `while_loop` for
 confidence-threshold decoding, which exits early) whose per-step reveal counts and
@@ -8,7 +8,8 @@ shape reuses the compiled program. The jitted function is cached on the static s
 Per step (t = timesteps[i], s = timesteps[i + 1]):
   1. logits of the active block from the model on the whole canvas (or from a block KV
      cache), shifted (position j reads the output at j - 1);
-  2. proposals and confidences on the tempered top-p/top-k-filtered distribution;
+  2. confidences on Dream's distribution (tempered, top-p/top-k-filtered, the mask token
+     included); the proposed token is the best / a sampled one other than the mask token;
   3. reveal: `origin` each masked position with probability 1 - s/t; confidence algorithms
      the k most confident masked positions (k from the schedule; Gumbel top-k with
      `alg_temp`); threshold decoding every masked position whose proposal probability is
@@ -25,6 +26,7 @@ predicts the block's first token.
 Where dcjax differs from the released torch code (all invisible for trained models and
 full canvases, listed so nobody hunts for them):
 * the mask token is never proposed (Dream can reveal `<|mask|>`, which then stays masked);
+  the confidences still read Dream's distribution, mask token included;
 * only the completion is unmasked: mask tokens inside the prompt stay as they are;
 * a row reveals at most its own masked count (Dream's top-k with the batch-average k could
   pick already-revealed positions and re-mask them when rows differ);
