@@ -15,7 +15,9 @@ hard-copied every 64 optimiser steps, AdamW lr 1e-6, betas (0.9, 0.99), weight d
 cosine to 10%, grad clip 0.2. 2,600 rollout batches is one pass over the ~21K-item hard
 subset. The rollout batch (80) must divide evenly over the data x fsdp chips: on 32 chips
 use --config.rl.num_prompts=16. Ablations: --config.rl.estimator=decoupled|full,
---config.rl.advantage=loo, --config.rl.ref_update=soft, --config.sampler.temperature=1.0.
+--config.rl.advantage=loo, --config.rl.ref_update=soft, --config.sampler.temperature=1.0;
+the release's batch-dependent scoring: --config.rl.logp_attention_mask=False
+--config.prompts.pad_multiple=1 (docs/grpo.md).
 Expect the mean reward to rise over the first few hundred iterations and EvalPlus to move
 from the Instruct model's 63.6 toward the cpGRPO model's 67.9 (SPEC §5).
 """

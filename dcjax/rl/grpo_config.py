@@ -48,7 +48,10 @@ def add_grpo_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
       estimator="coupled",        # "coupled" | "decoupled" | "full" (d1)
       num_pairs=1,                # lambda: complementary pairs (or independent pass pairs)
       t_min=0.2, t_max=0.8,
-      logp_attention_mask=False,  # SPEC: no attention mask in the log-prob passes
+      # Log-prob passes see the prompt's keep-mask: a completion's estimate is the same
+      # whatever it is batched with. False with prompts.pad_multiple=1 is the release's
+      # scoring (no mask, prompts padded to the batch's longest), docs/grpo.md.
+      logp_attention_mask=True,
       ref_update_every=64,        # optimiser steps between reference refreshes (0: never)
       ref_update="hard",          # "hard" copy (paper) or "soft" mix (released code)
       ref_mix_alpha=0.6,          # soft: ref <- alpha * policy + (1 - alpha) * ref
@@ -191,6 +194,11 @@ def validate(config) -> None:
   if not config.get("hf_dir") and "model" in config:  # hf_dir: the sampler checks each canvas
     _check_canvas(config)
   _int(p, "pad_multiple", "config.prompts")
+  if not config.rl.logp_attention_mask and p.pad_multiple != 1:
+    raise GRPOConfigError(
+        f"config.rl.logp_attention_mask=False scores with padding visible, so "
+        f"config.prompts.pad_multiple={p.pad_multiple} would change every log-prob; the "
+        f"release's scoring needs config.prompts.pad_multiple=1 (pad to the batch's longest)")
   _int(p, "synthetic_tasks", "config.prompts")
   _int(p, "tokenizer_vocab_size", "config.prompts", 0)
   if not p.tokenizer and not config.get("hf_dir") and not p.tokenizer_vocab_size:

@@ -7,7 +7,7 @@ the clean token at that position (read through the logit shift: position P+j is 
 by the output at P+j-1). The coefficient is zero wherever the pass leaves the token visible,
 so each token is only ever read from passes in which it is masked.
 
-  coupled (SPEC §4, DiffuCoder): pass 0 masks every completion token (coef 1/2); each of
+  coupled (docs/grpo.md, DiffuCoder): pass 0 masks every completion token (coef 1/2); each of
     lambda pairs draws t ~ U(t_min, t_max) per sequence and u ~ U(0, 1) per token, then one
     pass masks u < t (coef 1/(2 lambda t)) and its complement masks u >= t
     (coef 1/(2 lambda (1 - t))). With lambda = 1:
@@ -38,16 +38,18 @@ ESTIMATORS = ("coupled", "decoupled", "full")
 class EstimatorConfig:
   """kind: coupled | decoupled | full; num_pairs: lambda; t ~ U(t_min, t_max).
 
-  attention_mask: False (SPEC) runs the passes with every position visible and positions
-  0..L-1; True passes the prompt's keep-mask (left padding hidden, Dream's positions), as
-  the sampler does.
+  attention_mask: True (default) passes the prompt's keep-mask, so left padding is invisible
+  and positions follow Dream's rule, as in the sampler: a completion's estimate does not
+  depend on its batch-mates' prompt lengths or the pad multiple. False is the released
+  trainer's scoring (every position visible, positions 0..L-1); with prompts padded to the
+  batch's longest it reproduces the release (docs/grpo.md).
   """
 
   kind: str = "coupled"
   num_pairs: int = 1
   t_min: float = 0.2
   t_max: float = 0.8
-  attention_mask: bool = False
+  attention_mask: bool = True
 
   def validate(self, prefix: str = "config.rl") -> "EstimatorConfig":
     if self.kind not in ESTIMATORS:
