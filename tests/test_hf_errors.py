@@ -83,3 +83,13 @@ def test_index_lists_missing_shard(ckpt):
   with pytest.raises(hf.CheckpointError, match=r"model-00002-of-00002\.safetensors, which does "
                      r"not exist"):
     hf.load_pretrained(str(ckpt))
+
+
+@pytest.mark.parametrize("keep_bytes", [100, None], ids=["header", "data"])
+def test_truncated_safetensors_names_the_file(ckpt, keep_bytes):
+  file = ckpt / "model.safetensors"
+  data = file.read_bytes()
+  file.write_bytes(data[:keep_bytes or len(data) // 2])
+  with pytest.raises(hf.CheckpointError, match=r"model\.safetensors: cannot read") as info:
+    hf.load_pretrained(str(ckpt))
+  assert str(file) in str(info.value) and "truncated or corrupt" in str(info.value)
