@@ -47,7 +47,8 @@ def sandbox():
 
 def test_verdicts_in_input_order(sandbox):
   sources = ["print('hi')\nassert 1 + 1 == 2", "assert 1 + 1 == 3", "x = (",
-             "raise ValueError('boom')", "import os\nassert os.getcwd().endswith('work')"]
+             "raise ValueError('boom')",
+             "import os\nassert os.getcwd() == os.environ['HOME'] == os.environ['TMPDIR']"]
   results = sandbox.run_many(sources)
   assert [r.status for r in results] == ["passed", "failed", "failed", "failed", "passed"]
   assert results[0].stdout == "hi\n" and results[0].returncode == 0

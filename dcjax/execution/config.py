@@ -23,6 +23,10 @@ class SandboxConfig:
   Attributes:
     timeout_s: wall-clock limit per program; the whole process group is killed after it.
     memory_mb: address-space limit (RLIMIT_AS) of each process of the program.
+    tmp_mb: size of the program's private tmpfs, which its /tmp, /dev/shm, /var/tmp and
+      working directory share (see dcjax.execution.private_tmp); a full one is ENOSPC.
+      None means `memory_mb`. Where the host allows no mount namespace, the cap on its
+      private working directory (enforced by a watchdog that kills the program).
     cpu_s: CPU-time limit (RLIMIT_CPU) per process; None means `timeout_s + 1`, so a
       single-threaded busy loop meets the wall-clock limit first.
     file_size_mb: largest file the program may write (RLIMIT_FSIZE); its stdout and
@@ -41,6 +45,7 @@ class SandboxConfig:
 
   timeout_s: float = 10.0
   memory_mb: int = 1024
+  tmp_mb: int | None = None
   cpu_s: float | None = None
   file_size_mb: int = 16
   max_processes: int = 32
@@ -65,7 +70,7 @@ class SandboxConfig:
     for name, value in positive.items():
       if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"SandboxConfig.{name} must be a positive number, got {value!r}")
-    for name in ("cpu_s", "workers", "queue_size"):
+    for name in ("tmp_mb", "cpu_s", "workers", "queue_size"):
       value = getattr(self, name)
       if value is not None and (isinstance(value, bool) or not value > 0):
         raise ValueError(f"SandboxConfig.{name} must be None or positive, got {value!r}")
@@ -93,6 +98,10 @@ class SandboxConfig:
   @property
   def memory_bytes(self) -> int:
     return int(self.memory_mb) * 1024 * 1024
+
+  @property
+  def tmp_bytes(self) -> int:
+    return int(self.tmp_mb if self.tmp_mb else self.memory_mb) * 1024 * 1024
 
   @property
   def file_size_bytes(self) -> int:

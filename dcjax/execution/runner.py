@@ -1,5 +1,11 @@
 """Runs one untrusted program start to finish: temp dir, launch, wait, kill, verdict, cleanup.
 
+The runner's temporary directory holds the program (main.py), its stdout and stderr and,
+where the program gets a private tmpfs (dcjax.execution.private_tmp), the mount table of
+that tmpfs; the program then starts in its tmpfs and never sees this directory. Without
+one, the program works in a subdirectory `work` here (also its HOME and TMPDIR), and a
+watchdog kills it once it holds more than `SandboxConfig.tmp_mb` there.
+
 The verdict "passed" needs two things: exit status 0 and proof that the program's last
 line ran. The proof: before the launch the runner puts a fresh random token into one end
 of a socket pair and hands the other end to the child as an inherited descriptor; the
@@ -24,6 +30,7 @@ import tempfile
 import threading
 import time
 
+from dcjax.execution import private_tmp
 from dcjax.execution.config import SandboxConfig
 from dcjax.execution.isolation import Isolation
 from dcjax.execution.result import Result
@@ -68,8 +75,10 @@ def build_prologue(iso: Isolation, cfg: SandboxConfig, nproc: int) -> str:
   return f"exec({code!r}, {{}})\n"
 
 
-def build_command(iso: Isolation, cfg: SandboxConfig, script: str, nproc: int) -> list[str]:
-  argv = list(iso.namespaces)
+def build_command(iso: Isolation, cfg: SandboxConfig, script: str, nproc: int,
+                  fstab_path: str = "") -> list[str]:
+  """The argv that starts `script`; `fstab_path` is the mount table of its private tmpfs."""
+  argv = iso.launcher(fstab_path)
   if iso.prlimit:
     argv += [iso.prlimit] + [f"--{k}={v}:{v}" for k, v in _limits(cfg, nproc).items()] + ["--"]
   argv += list(iso.drop)
@@ -77,7 +86,8 @@ def build_command(iso: Isolation, cfg: SandboxConfig, script: str, nproc: int) -
 
 
 def child_env(workdir: str) -> dict[str, str]:
-  """The whole environment of a program: nothing of the parent's is passed on."""
+  """The whole environment of a program (`workdir`: its home and temporary directory):
+  nothing of the parent's is passed on."""
   return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir,
           "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "OMP_NUM_THREADS": "1",
           "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -115,6 +125,22 @@ def _wait_exited(pid: int, timeout_s: float, abort_fd: int | None,
       return False
     time.sleep(min(delay, remaining))
     delay = min(delay * 2, 0.02)
+
+
+def _wait_watched(pid: int, timeout_s: float, abort_fd: int | None,
+                  abort: threading.Event | None, work: str, budget: int) -> tuple[bool, bool]:
+  """`_wait_exited` that also measures `work` every WATCH_INTERVAL_S (the fallback for hosts
+  without a private tmpfs). Returns (exited, over budget)."""
+  deadline = time.monotonic() + timeout_s
+  while True:
+    remaining = deadline - time.monotonic()
+    tick = min(private_tmp.WATCH_INTERVAL_S, max(0.0, remaining))
+    if _wait_exited(pid, tick, abort_fd, abort):
+      return True, False
+    if private_tmp.tree_bytes(work) > budget:
+      return False, True
+    if remaining <= tick or (abort is not None and abort.is_set()):
+      return False, False
 
 
 def _kill_namespace(wrapper_pid: int) -> None:
@@ -170,9 +196,11 @@ def _force_rmtree(path: str) -> None:
 
 
 def _verdict(rc: int, token_ok: bool, timed_out: bool, cpu_s: float, cfg: SandboxConfig,
-             aborted: bool) -> tuple[str, str]:
+             aborted: bool, over_tmp: bool) -> tuple[str, str]:
   if aborted:
     return "crashed", "stopped: the runner was interrupted"
+  if over_tmp:
+    return "failed", f"killed: its files passed the {cfg.tmp_bytes >> 20} MB tmp_mb limit"
   if timed_out:
     return "timeout", f"killed at the {cfg.timeout_s:g} s wall-clock limit"
   if rc == 0 and token_ok:
@@ -197,6 +225,7 @@ def run_program(source: str, cfg: SandboxConfig, iso: Isolation, *, nproc: int,
   start = time.monotonic()
   tmp = None
   parent_sock = child_sock = None
+  script_file = None
   proc = None
   reaped = False
 
@@ -206,11 +235,17 @@ def run_program(source: str, cfg: SandboxConfig, iso: Isolation, *, nproc: int,
   try:
     try:
       tmp = tempfile.mkdtemp(prefix="dcjax-sandbox-")
-      work = os.path.join(tmp, "work")
-      os.mkdir(work, 0o700)
-      if iso.drop:
-        os.chmod(tmp, 0o711)  # the program's user may traverse, not list
-        os.chown(work, iso.uid, iso.gid)
+      fstab_path = os.path.join(tmp, "fstab")
+      if iso.private_tmp:  # the program starts in its tmpfs and never sees this directory
+        work, home = tmp, private_tmp.ROOT
+        with open(fstab_path, "w") as f:
+          f.write(private_tmp.fstab(iso.private_tmp, cfg.tmp_bytes))
+      else:
+        work = home = os.path.join(tmp, "work")
+        os.mkdir(work, 0o700)
+        if iso.drop:
+          os.chmod(tmp, 0o711)  # the program's user may traverse, not list
+          os.chown(work, iso.uid, iso.gid)
       parent_sock, child_sock = socket.socketpair()
       token = secrets.token_hex(16).encode()
       parent_sock.sendall(token)
@@ -220,18 +255,27 @@ def run_program(source: str, cfg: SandboxConfig, iso: Isolation, *, nproc: int,
       with open(script, "wb") as f:
         f.write(text.encode("utf-8", errors="surrogatepass"))
       os.chmod(script, 0o644)
+      pass_fds = (fd,)
+      if iso.private_tmp:  # read through an inherited descriptor: the path is hidden
+        script_file = open(script, "rb")
+        pass_fds += (script_file.fileno(),)
+        script = f"/dev/fd/{script_file.fileno()}"
       out_path, err_path = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
       with open(out_path, "wb") as out, open(err_path, "wb") as err:
         proc = subprocess.Popen(
-            build_command(iso, cfg, script, nproc), cwd=work, env=child_env(work),
-            stdin=subprocess.DEVNULL, stdout=out, stderr=err, pass_fds=(fd,),
-            start_new_session=True)
+            build_command(iso, cfg, script, nproc, fstab_path), cwd=work,
+            env=child_env(home), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+            pass_fds=pass_fds, start_new_session=True)
       child_sock.close()
       child_sock = None
     except OSError as e:
       return crashed(f"the sandbox could not start the program: {e}")
 
-    exited = _wait_exited(proc.pid, cfg.timeout_s, abort_fd, abort)
+    if iso.private_tmp:
+      exited, over_tmp = _wait_exited(proc.pid, cfg.timeout_s, abort_fd, abort), False
+    else:
+      exited, over_tmp = _wait_watched(proc.pid, cfg.timeout_s, abort_fd, abort, work,
+                                       cfg.tmp_bytes)
     aborted = not exited and abort is not None and abort.is_set()
     if not exited and iso.pid_namespace:
       _kill_namespace(proc.pid)
@@ -250,7 +294,8 @@ def run_program(source: str, cfg: SandboxConfig, iso: Isolation, *, nproc: int,
     except OSError:
       echoed = b""
     verdict, detail = _verdict(proc.returncode, secrets.compare_digest(echoed, token),
-                               not exited, usage.ru_utime + usage.ru_stime, cfg, aborted)
+                               not exited and not over_tmp, usage.ru_utime + usage.ru_stime,
+                               cfg, aborted, over_tmp)
     limit = int(cfg.output_limit_bytes)
     stderr = _tail(err_path, limit).replace(_WRAPPER_NOISE, "")
     return Result(verdict, proc.returncode, _tail(out_path, limit), stderr, duration, detail)
@@ -261,9 +306,9 @@ def run_program(source: str, cfg: SandboxConfig, iso: Isolation, *, nproc: int,
         proc.wait()
       except (OSError, subprocess.SubprocessError):
         pass
-    for sock in (parent_sock, child_sock):
-      if sock is not None:
-        sock.close()
+    for handle in (parent_sock, child_sock, script_file):
+      if handle is not None:
+        handle.close()
     if tmp is not None:
       _force_rmtree(tmp)
 
