@@ -110,8 +110,11 @@ def test_incompatible_and_corrupt_checkpoints_say_which(straight, tmp_path):
   for path in pathlib.Path(state_dir).rglob("*"):
     if path.is_file() and "manifest" in path.name or path.parent.name == "d":
       path.write_bytes(b"garbage")
-  with pytest.raises(ckpt_lib.CheckpointError, match=rf"checkpoint .*{STEPS} is corrupt"):
+  # The only checkpoint is corrupt: nothing to fall back to, and nothing is moved or deleted.
+  with pytest.raises(ckpt_lib.CheckpointError,
+                     match=rf"no checkpoint in .* can be restored: step\(s\) {STEPS} are corrupt"):
     loop.train(_config(), str(broken))
+  assert sorted(os.listdir(broken / "checkpoints")) == [str(STEPS)]
 
 
 def test_non_finite_loss_stops_with_a_clear_message(tmp_path):

@@ -7,7 +7,8 @@ Sections added to `base_config()`:
   sampler     rollout settings passed to `dcjax.diffusion.sampler.generate`
   prompts     task source, prompt construction and left truncation, tokenizer
   warm_start  optional masked-diffusion SFT on reference solutions before RL (tiny demo)
-  checkpoint  orbax interval / keep / async / restore
+  checkpoint  orbax interval / keep / async / restore / verify ("skip": a corrupt newest
+              checkpoint is reported and the previous one restored; "fatal": stop)
 
 Sentinels (ConfigDict fields keep their type): sampler.top_k=0, sampler.block_length=0,
 sampler.threshold=0.0 and sampler.cache="" mean "off"; prompts.shuffle_seed=-1 means
@@ -20,6 +21,7 @@ import ml_collections
 
 from dcjax.data.tokenizer import DEFAULT_SYSTEM_PROMPT
 from dcjax.model.config import ModelConfig
+from dcjax.train import checkpoint
 
 ESTIMATORS = ("coupled", "decoupled", "full")
 ADVANTAGES = ("mean", "loo")
@@ -85,7 +87,8 @@ def add_grpo_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   c.warm_start = ml_collections.ConfigDict(dict(
       steps=0, batch_size=32, lr=3e-3, log_every=50))
   c.checkpoint = ml_collections.ConfigDict(dict(
-      interval=50, keep=3, async_save=True, restore=True))
+      interval=50, keep=3, async_save=True, restore=True,
+      verify="skip"))             # corrupt newest checkpoint: "skip" to the previous, "fatal"
   return c
 
 
@@ -209,6 +212,7 @@ def validate(config) -> None:
   _int(config.warm_start, "batch_size", "config.warm_start")
   _int(config.checkpoint, "interval", "config.checkpoint")
   _int(config.checkpoint, "keep", "config.checkpoint", 0)
+  checkpoint.validate_section(config.checkpoint, error=GRPOConfigError)
 
 
 def sampler_kwargs(sampler_config) -> dict:

@@ -145,9 +145,8 @@ def train_grpo(config, workdir: "str | workdir_lib.Workdir", *, reward_fn=None, 
   tasks = prompts.make_tasks(p)
   wd = workdir_lib.resolve(workdir)
   tok = get_tokenizer(config, wd, tasks)
-  ckpt = ckpt_lib.Checkpointer(wd.checkpoints, interval=config.checkpoint.interval,
-                               keep=config.checkpoint.keep,
-                               async_save=config.checkpoint.async_save, after_save=wd.push)
+  ckpt = ckpt_lib.Checkpointer.from_config(wd.checkpoints, config.checkpoint, after_save=wd.push,
+                                          log=_log)
   latest = ckpt.latest_step() if config.checkpoint.restore else None
   model_config, params = _model(config, mesh, restoring=latest is not None)
   if model_config.mask_token_id is None:
@@ -172,7 +171,7 @@ def train_grpo(config, workdir: "str | workdir_lib.Workdir", *, reward_fn=None, 
   abstract = learner.abstract_state()
   meta = _meta(model_config, config, abstract)
   if latest is not None:
-    state = ckpt.restore(latest, abstract, iterator, meta)
+    latest, state = ckpt.restore_latest(abstract, iterator, meta)  # the newest that verifies
     _log(f"restored iteration {latest} from {ckpt.directory}")
   else:
     if config.warm_start.steps:
@@ -203,6 +202,7 @@ def train_grpo(config, workdir: "str | workdir_lib.Workdir", *, reward_fn=None, 
         state, m, rewards = iteration.grpo_iteration(
             learner, state, ids, mask, [tasks[i] for i in index], reward_fn, key, icfg, worker)
         done = it + 1
+        ckpt.check()  # a failed background save stops the run here, not an interval later
         m["iteration"], m["optimizer_step"] = done, done * int(r.num_iterations)
         result["history"].append(m)
         if done % r.log_every == 0 or done == r.steps or done == start_iter + 1:

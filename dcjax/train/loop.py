@@ -102,9 +102,8 @@ def train(config, workdir: "str | workdir_lib.Workdir", *, hooks=()) -> dict:
   `hooks`: callables `hook(step, metrics)` run on the host when a step's metrics arrive.
   """
   wd = workdir_lib.resolve(workdir)
-  ckpt = ckpt_lib.Checkpointer(wd.checkpoints, interval=config.checkpoint.interval,
-                               keep=config.checkpoint.keep,
-                               async_save=config.checkpoint.async_save, after_save=wd.push)
+  ckpt = ckpt_lib.Checkpointer.from_config(wd.checkpoints, config.checkpoint, after_save=wd.push,
+                                          log=log)
   try:
     return _train(config, wd, ckpt, hooks)
   finally:
@@ -142,7 +141,8 @@ def _train(config, wd: workdir_lib.Workdir, ckpt: ckpt_lib.Checkpointer, hooks) 
       d, train_docs, tok, batch_size=t.batch_size // shard.count, seed=seed, shard=shard))
   meta = ckpt_lib.make_meta(model_config, config, abstract)
   if latest is not None:
-    state = ckpt.restore(latest, state_lib.with_shardings(abstract, shardings), iterator, meta)
+    latest, state = ckpt.restore_latest(state_lib.with_shardings(abstract, shardings), iterator,
+                                        meta)  # the newest that verifies
     log(f"restored step {latest} from {ckpt.directory}")
   else:
     state = state_lib.init_state(params, tx, config.seed, shardings)
@@ -237,6 +237,7 @@ def _loop(state, start_step, compiled, iterator, reporter, evaluate, ckpt, meta,
         reporter.step(*pending)
       done = step + 1
       pending = (done, device_metrics, data_time)
+      ckpt.check()  # a failed background save stops the run here, not an interval later
       multihost_preempt = jax.process_count() > 1 and ckpt.manager.reached_preemption(done)
       is_last, eval_due, save_due = done == t.steps, done % t.eval_every == 0, ckpt.should_save(done)
       if not (preemption.requested or multihost_preempt or done == t.preempt_at_step

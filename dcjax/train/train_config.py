@@ -8,6 +8,7 @@ from dcjax.data.sources import SOURCES
 from dcjax.diffusion import forward_process as fp
 from dcjax.diffusion import losses
 from dcjax.model.config import ModelConfig
+from dcjax.train import checkpoint
 
 
 class TrainConfigError(ValueError):
@@ -41,7 +42,8 @@ def add_train_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
       tokenizer_vocab_size=0, tokenizer_train_chars=4_000_000,
   ))
   c.checkpoint = ml_collections.ConfigDict(dict(
-      interval=500, keep=3, async_save=True, restore=True))
+      interval=500, keep=3, async_save=True, restore=True,
+      verify="skip"))             # corrupt newest checkpoint: "skip" to the previous, "fatal"
   return c
 
 
@@ -113,3 +115,4 @@ def validate(config) -> None:
     raise TrainConfigError(f"config.data.sft_pad={d.sft_pad!r} must be 'pad' or 'dlm_pad'")
   _positive_int(k, "interval", "config.checkpoint")
   _positive_int(k, "keep", "config.checkpoint", 0)
+  checkpoint.validate_section(k, error=TrainConfigError)
