@@ -6,7 +6,7 @@
    predictions depend on context), then for each task's [prompt, reference answer] sequence
    the per-sequence estimate sum_n logp_n over the valid completion tokens is drawn with
    `--draws` independent mask keys, at equal forward passes (3 per draw):
-     coupled    full-mask pass + one complementary pair (SPEC §4)
+     coupled    full-mask pass + one complementary pair (docs/grpo.md)
      decoupled  full-mask pass + two independent masks (same 1/t weights)
      full       the full-mask pass alone (d1), deterministic: variance 0, but biased
    Reported: the mean over sequences of each estimator's variance across draws, the ratio

@@ -8,7 +8,7 @@ threshold decoding and the block KV caches buy.
 One run, one model, one batch:
   1. tokens/s of `generate` (entropy, one token per step) against the reference decoder: a
      Python loop with one jitted model call per step and the selection in numpy on the host
-     (SPEC §3 written plainly);
+     (docs/sampler.md written plainly);
   2. for threshold decoding (tau = --threshold) and each cache mode, forward passes per
      generated token (per row) and the wall-time speedup over plain 1-token-per-step
      decoding with the same blocks.

@@ -1,4 +1,4 @@
-"""DiffuCoder-7B (Qwen2.5-Coder-7B layout, bidirectional): the SPEC table, for TPU pods.
+"""DiffuCoder-7B (Qwen2.5-Coder-7B layout, bidirectional, docs/model.md), for TPU pods.
 
   python -m dcjax.main --config configs/diffucoder_7b.py --workdir gs://BUCKET/runs/dc7b \\
       --config.hf_dir=/path/to/DiffuCoder-7B-Base

@@ -9,7 +9,7 @@ Run on every host of a TPU pod slice (v4-64 / v5p-64 or larger; launch/gcp has t
 The weights come from the AR checkpoint (`hf_dir`); the tokenizer must be DiffuCoder's (it
 has <|mask|> = 151666, which Qwen2.5-Coder's lacks; the id is one of the checkpoint's spare
 embedding rows). The masked-diffusion ELBO with attention-mask annealing turns causal into
-bidirectional attention over the first `train.loss.anneal_steps` steps (SPEC §2), 1% of rows
+bidirectional attention over the first `train.loss.anneal_steps` steps (docs/losses.md), 1% of rows
 are cut to a random length, documents are packed into 4096-token rows. FSDP over all chips,
 bf16 compute, fp32 AdamW state, remat per layer. Records are JSON {"text": ...} or raw text
 in ArrayRecord files (tokenised on the fly on each host).

@@ -6,7 +6,7 @@
 
 Run on every host of a TPU pod slice. Records are chat samples {"messages": [{"role",
 "content"}, ..., {"role": "assistant", ...}]} or {"prompt", "response"}; each becomes
-ChatML prompt + response + <|im_end|>, padded with <|dlm_pad|> to 2048 tokens (SPEC §2): the
+ChatML prompt + response + <|im_end|>, padded with <|dlm_pad|> to 2048 tokens (docs/losses.md): the
 prompt is never masked, the response and the pads are masked with probability t and are the
 targets, so the model learns where to stop. Samples whose prompt alone is longer are
 dropped. The paper tunes on 436K samples; 256 per step gives ~1.7k steps per epoch. Learning

@@ -1,4 +1,4 @@
-"""HumanEval pass@1 of a released DiffuCoder checkpoint (instruct prompts, SPEC §5).
+"""HumanEval pass@1 of a released DiffuCoder checkpoint (instruct prompts, docs/evaluation.md).
 
   python -m dcjax.main --config configs/eval_humaneval.py --workdir runs/eval_he \\
       --config.hf_dir=/path/to/DiffuCoder-7B-Instruct
@@ -6,7 +6,7 @@
 Samples 256 tokens in 256 steps (entropy order, temperature 0.2, top_p 0.95), runs every
 completion against the task's tests in the sandbox (dcjax.execution) and writes
 `humaneval_instruct_results.jsonl`, `..._evalplus.jsonl` and `..._summary.json` under
-config.eval.output_dir (default <workdir>/eval), then prints a table. SPEC §5 reports
+config.eval.output_dir (default <workdir>/eval), then prints a table. The paper reports
 72.0 pass@1 for DiffuCoder-7B-Instruct and 67.1 for -Base (use
 `--config.eval.prompt_style=base` with the Base model).
 

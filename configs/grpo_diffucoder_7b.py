@@ -19,7 +19,7 @@ use --config.rl.num_prompts=16. Ablations: --config.rl.estimator=decoupled|full,
 the release's batch-dependent scoring: --config.rl.logp_attention_mask=False
 --config.prompts.pad_multiple=1 (docs/grpo.md).
 Expect the mean reward to rise over the first few hundred iterations and EvalPlus to move
-from the Instruct model's 63.6 toward the cpGRPO model's 67.9 (SPEC §5).
+from the Instruct model's 63.6 toward the cpGRPO model's 67.9 (docs/evaluation.md).
 """
 
 from dcjax.config import base_config

@@ -5,7 +5,7 @@ prints gibberish, and with --config.visualize writes the decoding-order pictures
 
   python -m dcjax.main --config configs/sample.py --workdir runs/sample --config.visualize=True
 
-A released checkpoint, DiffuCoder's evaluation settings (SPEC §3):
+A released checkpoint, DiffuCoder's evaluation settings (docs/sampler.md):
 
   python -m dcjax.main --config configs/sample.py --workdir runs/sample \\
       --config.hf_dir=/path/to/DiffuCoder-7B-Instruct \\

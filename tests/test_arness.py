@@ -1,4 +1,4 @@
-"""Decoding-order analysis (SPEC §6): AR-ness@k, step-0 confidence, plots."""
+"""Decoding-order analysis (docs/evaluation.md): AR-ness@k, step-0 confidence, plots."""
 
 import numpy as np
 import pytest

@@ -219,7 +219,7 @@ def load_config():
 def test_run_eval_from_config(humaneval, tmp_path):
   config = load_config()
   assert config.mode == "eval" and config.eval.benchmark == "humaneval"
-  # SPEC §3's DiffuCoder evaluation settings.
+  # DiffuCoder's evaluation settings (docs/evaluation.md).
   spec = {"max_new_tokens": 256, "steps": 256, "alg": "entropy", "temperature": 0.2,
           "top_p": 0.95, "alg_temp": 0.0, "eps": 1e-3, "block_length": None, "threshold": None}
   assert {k: config.sampler[k] for k in spec} == spec

@@ -1,4 +1,4 @@
-"""Coupled-GRPO pieces checked against hand computations (SPEC §4): estimator passes, loss,
+"""Coupled-GRPO pieces checked against hand computations (docs/grpo.md): estimator passes, loss,
 advantages, completion masks, prompts and the prompt iterator, config validation."""
 
 import jax
@@ -59,7 +59,7 @@ def test_coupled_three_passes_match_spec(monkeypatch, seq):
   assert len(calls) == 3
   for tokens, attention in calls:
     np.testing.assert_array_equal(tokens[:, :P], np.asarray(seq)[:, :P])  # prompt never masked
-    assert attention is None                                               # SPEC: no mask
+    assert attention is None                                               # none given: no mask
   t = np.asarray(noise.t_BxK)[:, 0]
   u = np.asarray(noise.u_BxKxN)[:, 0]
   assert ((t >= 0.2) & (t <= 0.8)).all()
@@ -69,7 +69,7 @@ def test_coupled_three_passes_match_spec(monkeypatch, seq):
   np.testing.assert_array_equal(masked[2], u >= t[:, None])
   np.testing.assert_array_equal(masked[1] ^ masked[2], np.ones((B, N), bool))  # complements
   np.testing.assert_array_equal(calls[1][0][:, P:][~masked[1]], np.asarray(seq)[:, P:][~masked[1]])
-  # Each token from the pass where it is masked, weighted 1/t or 1/(1-t) (SPEC formula).
+  # Each token from the pass where it is masked, weighted 1/t or 1/(1-t) (docs/grpo.md formula).
   lp = [np_lp(fake_apply_factory([])(None, params, jnp.asarray(tok)), seq) for tok, _ in calls]
   expected = 0.5 * (lp[0] + np.where(u < t[:, None], lp[1] / t[:, None],
                                      lp[2] / (1 - t[:, None])))
@@ -299,7 +299,7 @@ def test_config_validation_names_fields():
 
 def test_optimizer_defaults_decay_mask_and_reference_refresh():
   from dcjax.rl import learner as learner_lib
-  tx, schedule = learner_lib.make_optimizer(1e-6, 100)  # SPEC: cosine to 10%, no warmup
+  tx, schedule = learner_lib.make_optimizer(1e-6, 100)  # docs/grpo.md: cosine to 10%, no warmup
   np.testing.assert_allclose(float(schedule(0)), 1e-6, rtol=1e-6)
   np.testing.assert_allclose(float(schedule(100)), 1e-7, rtol=1e-5)
   params = {"layers": {"q_proj": {"kernel": jnp.ones((2, 3, 3)), "bias": jnp.ones((2, 3))},

@@ -1,4 +1,4 @@
-"""The masked-diffusion loss against hand-computed values (SPEC §2)."""
+"""The masked-diffusion loss against hand-computed values (docs/losses.md)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""DiffuCoder rewards (SPEC §4): format rule, per-assert code reward, registry."""
+"""DiffuCoder rewards (docs/rewards.md): format rule, per-assert code reward, registry."""
 
 import random
 import re

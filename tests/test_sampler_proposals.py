@@ -1,4 +1,4 @@
-"""Token proposals and confidences against a torch reference written from SPEC §3."""
+"""Token proposals and confidences against a torch reference written from docs/sampler.md."""
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +10,9 @@ from dcjax.diffusion import proposals
 
 
 def torch_sample_tokens(logits, temperature=0.0, top_p=None, top_k=None):
-  """SPEC §3 `sample_tokens` in torch: temperature, top-p (first crossing token kept),
-  top-k, softmax; greedy proposal. Returns (filtered probs, token, {alg: confidence})."""
+  """Dream's `sample_tokens` (docs/sampler.md) in torch: temperature, top-p (first crossing
+  token kept), top-k, softmax; greedy proposal. Returns (filtered probs, token,
+  {alg: confidence})."""
   logits = torch.as_tensor(np.array(logits), dtype=torch.float32)
   if temperature > 0:
     logits = logits / temperature

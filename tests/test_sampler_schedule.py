@@ -1,4 +1,4 @@
-"""Reveal schedules against SPEC §3's numbers and against Dream's torch arithmetic."""
+"""Reveal schedules against docs/sampler.md's numbers and against Dream's torch arithmetic."""
 
 import numpy as np
 import pytest
@@ -29,7 +29,7 @@ def test_timesteps_equal_torch_linspace(steps, eps):
 
 
 def test_spec_counts_n256():
-  # SPEC §3: N = steps = 256: 0 at step 0, then 1 per step, 2 at the last step.
+  # docs/sampler.md: N = steps = 256: 0 at step 0, then 1 per step, 2 at the last step.
   counts = schedule.dream_reveal_counts(256, 256)
   assert counts[0] == 0 and counts[-1] == 2 and (counts[1:-1] == 1).all()
   # N = 256, steps = 128: 1, then 2 per step, 3 at the last.

@@ -1,4 +1,4 @@
-"""SFT examples (SPEC §2): ChatML prompt + response, padded to a fixed length with pad targets.
+"""SFT rows (docs/losses.md): ChatML prompt + response, padded to a fixed length with pad targets.
 
 The prompt is everything up to and including `<|im_start|>assistant\\n`; the response is the
 assistant's text, then `<|im_end|>`, then pad tokens up to `seq_len`. The prompt is never

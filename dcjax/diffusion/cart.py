@@ -1,4 +1,4 @@
-"""CART (Dream's context-adaptive token-level reweighting), SPEC §2.
+"""CART (Dream's context-adaptive token-level reweighting), docs/losses.md.
 
 A masked token n gets the weight `0.5 * sum over unmasked i of p (1 - p)^(|n - i| - 1)`
 in place of 1/t: tokens with much clean context nearby count more.

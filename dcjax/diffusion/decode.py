@@ -3,7 +3,7 @@
 * `encode_left_padded`: texts -> left-padded [B, P] ids and keep-mask for `generate`.
 * `chat_prompt`: the ChatML prompt of one user turn (optionally prefilling the assistant).
 * `cut_at_stop` / `decode_completions`: completions cut at the first eos / `<|im_end|>` /
-  pad / `<|dlm_pad|>`, as Instruct outputs are read (SPEC §3).
+  pad / `<|dlm_pad|>`, as Instruct outputs are read (docs/sampler.md).
 * `ByteTokenizer`: a file-free byte-level tokenizer with the special tokens, so the sample
   mode runs without a checkpoint.
 """
@@ -101,7 +101,7 @@ def chat_prompt(tokenizer: Tokenizer, user: str, *,
                 system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
                 assistant_prefix: str = "", history: Sequence[Mapping[str, str]] = ()) -> str:
   """ChatML for `history` + one user turn, with the assistant turn opened (and prefilled
-  with `assistant_prefix`, e.g. SPEC §5's "Here is the code to solve this problem:")."""
+  with `assistant_prefix`, e.g. docs/evaluation.md's "Here is the code to solve this problem:")."""
   messages = list(history) + [{"role": "user", "content": user}]
   return tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                        system_prompt=system_prompt) + assistant_prefix

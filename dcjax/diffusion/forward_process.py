@@ -1,4 +1,4 @@
-"""The masked-diffusion forward process and the training-time masks of SPEC §2.
+"""The masked-diffusion forward process and the training-time masks of docs/losses.md.
 
 Everything random here is drawn from one step key for the whole global batch, so the
 same key gives the same masks whether the batch is processed at once, in micro-batches,
@@ -19,7 +19,7 @@ class NoiseConfig:
 
   eps: float = 1e-3            # t ~ (1 - eps) U(0, 1) + eps
   anneal_steps: int = 0        # attention-mask annealing over N steps; 0 = always bidirectional
-  truncate_prob: float = 0.0   # fraction of sequences cut to a random length (SPEC: 0.01)
+  truncate_prob: float = 0.0   # fraction of sequences cut to a random length (DiffuCoder: 0.01)
 
 
 @jax.tree_util.register_dataclass

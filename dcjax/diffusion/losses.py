@@ -1,4 +1,4 @@
-"""The masked-diffusion ELBO of SPEC §2, with the logit shift, for pretraining and SFT.
+"""The masked-diffusion ELBO of docs/losses.md, with the logit shift, for pretraining and SFT.
 
 A training batch is a dict of [B, L] arrays:
   tokens       int32  the clean sequence x0
@@ -131,7 +131,7 @@ def summarise(sums: dict, denominator) -> dict:
   targets = jnp.maximum(sums["targets"], 1.0)
   return dict(
       loss=sums["loss_sum"] / denominator,
-      loss_token_mean=sums["loss_sum"] / targets,          # SPEC §2: always reported
+      loss_token_mean=sums["loss_sum"] / targets,          # docs/losses.md: always reported
       elbo_per_token=sums["loss_sum"] / jnp.maximum(sums["maskable"], 1.0),
       ce_masked=sums["ce_sum"] / targets,
       accuracy=sums["correct"] / targets,

@@ -50,17 +50,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dcjax.diffusion import cached_forward as fwd
+from dcjax import model as model_lib
 from dcjax.diffusion import proposals
-from dcjax.diffusion.schedule import ALGS, Schedule, build_schedule
+from dcjax.diffusion.sampler_inputs import CACHE_MODES, check_options, check_prompts
+from dcjax.diffusion.schedule import build_schedule
 from dcjax.model import as_model_config
 from dcjax.model.config import ModelConfig
 from dcjax.parallel.rules import LOGICAL_AXIS_RULES
 
-CACHE_MODES = (None, "prefix", "dual")
 BATCH_AXES = ("data", "fsdp")
-# Number of times the sampler program has been traced (tests check a new prompt reuses it).
-TRACE_COUNT = [0]
 
 
 @flax.struct.dataclass
@@ -111,7 +109,7 @@ def generate(config: Any, params, prompt_ids_BxP, prompt_mask_BxP=None, *, max_n
              block_length: int | None = None, threshold: float | None = None,
              cache: str | None = None, cache_refresh_every: int = 0, rng: jax.Array | None = None,
              return_history: bool = False, mesh: Mesh | None = None) -> SampleOutput:
-  """Fills `max_new_tokens` mask tokens after each left-padded prompt (SPEC §3).
+  """Fills `max_new_tokens` mask tokens after each left-padded prompt (docs/sampler.md).
 
   Args:
     config: a ModelConfig (or anything `dcjax.model.as_model_config` takes); its
@@ -141,11 +139,11 @@ def generate(config: Any, params, prompt_ids_BxP, prompt_mask_BxP=None, *, max_n
   c = as_model_config(config)
   if c.mask_token_id is None:
     raise ValueError("config.mask_token_id is None: the sampler needs the mask token id")
-  prompt_ids_BxP, prompt_mask_BxP = _check_prompts(prompt_ids_BxP, prompt_mask_BxP)
+  prompt_ids_BxP, prompt_mask_BxP = check_prompts(prompt_ids_BxP, prompt_mask_BxP)
   b, p = prompt_ids_BxP.shape
   c.check_positions(p + int(max_new_tokens),  # the canvas: padded prompt width + completion
                     f"a {p}-token prompt + max_new_tokens={max_new_tokens}")
-  _check_options(alg, temperature, top_p, top_k, alg_temp, threshold, cache, cache_refresh_every)
+  check_options(alg, temperature, top_p, top_k, alg_temp, threshold, cache, cache_refresh_every)
   sample = temperature > 0
   use_alg_temp = alg_temp is not None and alg_temp > 0
   needs_rng = sample or use_alg_temp or alg == "origin"
@@ -183,50 +181,6 @@ def generate(config: Any, params, prompt_ids_BxP, prompt_mask_BxP=None, *, max_n
   return _compiled(static)(params, prompt_ids_BxP, prompt_mask_BxP, rng, arrays, scalars)
 
 
-def _check_prompts(ids, mask):
-  if ids is None or np.ndim(ids) != 2:
-    raise ValueError(f"prompt_ids_BxP must have shape [B, P]; got shape {np.shape(ids)}")
-  b, p = np.shape(ids)
-  if p < 1 or b < 1:
-    raise ValueError(f"prompt_ids_BxP has shape {(b, p)}; need B >= 1 and P >= 1 (the first "
-                     "completion token is predicted from the last prompt position)")
-  if mask is None:
-    mask = np.ones((b, p), bool)
-  if np.shape(mask) != (b, p):
-    raise ValueError(f"prompt_mask_BxP has shape {np.shape(mask)}; expected [B, P] = {(b, p)}")
-  if not isinstance(mask, jax.Array) or mask.is_fully_addressable:
-    keep = np.asarray(mask).astype(bool)
-    left_padded = (np.diff(keep.astype(np.int8), axis=1) >= 0).all()
-    if not left_padded:
-      raise ValueError("prompt_mask_BxP must be left padding (each row 0...0 1...1)")
-  ids = ids if isinstance(ids, jax.Array) else np.asarray(ids)
-  mask = mask if isinstance(mask, jax.Array) else np.asarray(mask)
-  return ids.astype(jnp.int32), mask.astype(bool)
-
-
-def _check_options(alg, temperature, top_p, top_k, alg_temp, threshold, cache, refresh_every):
-  if alg not in ALGS:
-    raise ValueError(f"alg={alg!r} is not one of {ALGS}")
-  if temperature is None or temperature < 0:
-    raise ValueError(f"temperature={temperature} must be >= 0")
-  if top_p is not None and not 0 < top_p <= 1:
-    raise ValueError(f"top_p={top_p} must be in (0, 1] or None")
-  if top_k is not None and int(top_k) < 1:
-    raise ValueError(f"top_k={top_k} must be >= 1 or None")
-  if alg_temp is not None and alg_temp < 0:
-    raise ValueError(f"alg_temp={alg_temp} must be >= 0 or None")
-  if threshold is not None:
-    if not 0 <= threshold <= 1:
-      raise ValueError(f"threshold={threshold} must be in [0, 1] or None")
-    if alg == "origin":
-      raise ValueError("threshold decoding ranks positions by confidence; alg='origin' has "
-                       "none: use maskgit_plus, topk_margin or entropy")
-  if cache not in CACHE_MODES:
-    raise ValueError(f"cache={cache!r} is not one of {CACHE_MODES}")
-  if refresh_every < 0:
-    raise ValueError(f"cache_refresh_every={refresh_every} must be >= 0")
-
-
 @functools.lru_cache(maxsize=64)
 def _compiled(static: _Static):
   return jax.jit(functools.partial(_sample, static))
@@ -240,7 +194,6 @@ def _constrain(x, axes):
 
 
 def _sample(st: _Static, params, prompt_ids_BxP, prompt_mask_BxP, rng, arrays, scalars):
-  TRACE_COUNT[0] += 1
   with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
     return _Program(st, params, prompt_mask_BxP, rng, arrays, scalars).run(prompt_ids_BxP)
 
@@ -258,7 +211,7 @@ class _Program:
     self.keep_BxL = _constrain(
         jnp.concatenate([prompt_mask_BxP, jnp.ones((b, n), bool)], axis=1),
         ("activation_batch", "activation_length"))
-    self.positions_BxL = fwd.keep_positions(self.keep_BxL)
+    self.positions_BxL = model_lib.keep_positions(self.keep_BxL)
 
   # -- state
   def init_state(self, prompt_ids_BxP):
@@ -279,7 +232,7 @@ class _Program:
       zeros = _constrain(jnp.zeros(shape, jnp.dtype(self.c.dtype)),
                          (None, "activation_batch", "activation_length", "activation_kv_heads",
                           "head_dim"))
-      state["cache"] = fwd.KVCache(zeros, zeros)
+      state["cache"] = model_lib.KVCache(zeros, zeros)
     if st.return_history:
       state["history"] = _constrain(jnp.full((st.num_steps, b, n), jnp.nan, jnp.float32),
                                     (None, "activation_batch", "activation_length"))
@@ -339,8 +292,7 @@ class _Program:
     st, c = self.st, self.c
     bl = st.block_length
     start = self.p + blk * bl
-    h_BxWxD, state = self._block_hidden(state, start, refresh)
-    logits_BxWxV = fwd.lm_head(c, self.params, h_BxWxD)
+    logits_BxWxV, state = self._block_logits(state, start, refresh)
 
     i = state["step"]
     k_tok, k_pos = jax.random.split(jax.random.fold_in(self.rng, i))
@@ -380,37 +332,34 @@ class _Program:
     state["since_refresh"] = jnp.where(refresh, 1, state["since_refresh"] + 1)
     return state
 
-  def _block_hidden(self, state, start, refresh):
-    """Final-norm hidden states at [start - 1, start + bl - 1) (they predict the block)."""
+  def _block_logits(self, state, start, refresh):
+    """Logits at [start - 1, start + bl - 1) (they predict the block): the whole canvas on a
+    refresh (storing every layer's K/V when caching), else only a window over the cache."""
     st, c, bl = self.st, self.c, self.st.block_length
     state = dict(state)
 
     def full(cache):
-      h, kv = fwd.forward_full(c, self.params, state["canvas"], self.positions_BxL, self.keep_BxL,
-                               collect_kv=cache is not None)
-      h_win = jax.lax.dynamic_slice_in_dim(h, start - 1, bl, axis=1)
-      return h_win, kv
+      new_cache, logits = model_lib.forward(
+          c, self.params, state["canvas"], self.positions_BxL,
+          model_lib.pair_mask(self.keep_BxL, self.keep_BxL), collect_kv=cache is not None,
+          logits_start=start - 1, logits_length=bl)
+      return logits, new_cache
 
     if st.cache is None:
-      h_win, _ = full(None)
+      logits, _ = full(None)
       state["full"] = state["full"] + 1
-      return h_win, state
+      return logits, state
 
     width = bl + 1 if st.cache == "dual" else self.l - start + 1
 
     def windowed(cache):
       sl = lambda x: jax.lax.dynamic_slice_in_dim(x, start - 1, width, axis=1)
-      h = fwd.forward_window(c, self.params, sl(state["canvas"]), sl(self.positions_BxL),
-                             sl(self.keep_BxL), self.keep_BxL, cache, start - 1)
-      return h[:, :bl], cache
+      return model_lib.forward(
+          c, self.params, sl(state["canvas"]), sl(self.positions_BxL),
+          model_lib.pair_mask(sl(self.keep_BxL), self.keep_BxL), cache=cache,
+          cache_start=start - 1, collect_kv=True, logits_length=bl)[::-1]
 
-    h_win, state["cache"] = jax.lax.cond(refresh, full, windowed, state["cache"])
+    logits, state["cache"] = jax.lax.cond(refresh, full, windowed, state["cache"])
     state["full"] = state["full"] + refresh.astype(jnp.int32)
-    return h_win, state
+    return logits, state
 
-
-def schedule_for(max_new_tokens: int, steps: int, *, block_length=None, eps=1e-3,
-                 threshold=None, cache_refresh_every=0) -> Schedule:
-  """The host schedule `generate` would use (for inspection and tests)."""
-  return build_schedule(max_new_tokens, steps, block_length=block_length, eps=eps,
-                        threshold=threshold, cache_refresh_every=cache_refresh_every)

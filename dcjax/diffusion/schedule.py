@@ -1,4 +1,4 @@
-"""Reveal schedules of the parallel-unmasking sampler, computed on the host (SPEC §3).
+"""Reveal schedules of the parallel-unmasking sampler, computed on the host (docs/sampler.md).
 
 Everything here is numpy and runs before the jitted loop: the per-step reveal counts and
 reveal probabilities become arrays the compiled program reads, so a new prompt of the same

@@ -1,5 +1,5 @@
-"""Code-generation evaluation: HumanEval / MBPP / EvalPlus tasks, prompts (SPEC §5),
-sandboxed execution, unbiased pass@k, and the decoding-order analysis (SPEC §6).
+"""Code-generation evaluation: HumanEval / MBPP / EvalPlus tasks, prompts (docs/evaluation.md),
+sandboxed execution, unbiased pass@k, and the decoding-order analysis (docs/evaluation.md).
 
     from dcjax.eval import evaluate, load_benchmark
     report = evaluate(load_benchmark("humaneval"), generate_fn, n_samples=1, ks=(1,))

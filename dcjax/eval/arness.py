@@ -1,4 +1,4 @@
-"""Decoding-order analysis (SPEC §6, DiffuCoder §4): AR-ness and the step-0 confidence.
+"""Decoding-order analysis (docs/evaluation.md, DiffuCoder §4): AR-ness and the step-0 confidence.
 
 Input is the sampler's record of when each generated position was revealed: an integer
 array `reveal_steps` of shape [L] or [B, L] (entries < 0, e.g. prompt or padding, are
@@ -85,7 +85,7 @@ def arness_curves(reveal_steps, ks: Sequence[int] = (1, 2, 4, 8, 16, 32)) -> dic
 
 def confidence_from_logits(logits, alg: str = "entropy", temperature: float = 0.0,
                            top_p: float | None = None) -> np.ndarray:
-  """Per-position confidence as the sampler scores it (SPEC §3), from logits [..., V].
+  """Per-position confidence as the sampler scores it (docs/sampler.md), from logits [..., V].
 
   The distribution is softmax(logits / temperature) (plain softmax when temperature is
   0), top-p filtered when `top_p` < 1 (the first token that crosses p is kept) and

@@ -1,4 +1,4 @@
-"""Prompts (SPEC §5, base and instruct forms) and turning a completion into a program.
+"""Prompts (docs/evaluation.md, base and instruct forms) and turning a completion into a program.
 
 Instruct form: ChatML with the default system prompt; user turn
 "Please complete the following problem:\\n```\\n{prompt}\\n```" (HumanEval) or

@@ -9,7 +9,8 @@ import flax.linen as nn
 import jax
 
 from dcjax.model.config import ModelConfig
-from dcjax.model.transformer import Transformer, mask_and_positions
+from dcjax.model.attention import KVCache
+from dcjax.model.transformer import Transformer, keep_positions, mask_and_positions, pair_mask
 from dcjax.parallel.rules import LOGICAL_AXIS_RULES
 
 
@@ -29,7 +30,7 @@ def apply(config, params, tokens_BxL, attention_mask=None, positions=None, *,
   """Runs the model; returns unshifted logits [B, L, V] in the compute dtype.
 
   `attention_mask` is None (all visible), a [B, L] keep-mask for left-padded rows, or a
-  [B, L, L] boolean mask. Positions default to SPEC §1's rule. Activation sharding
+  [B, L, L] boolean mask. Positions default to Dream's rule (docs/model.md). Activation sharding
   constraints take effect under `jax.set_mesh(mesh)`.
   """
   return _apply(as_model_config(config), params, tokens_BxL, attention_mask, positions,
@@ -41,7 +42,20 @@ def _apply(config, params, tokens_BxL, attention_mask, positions, *, rules):
   # Jitted so eager callers get one compiled program; inside a caller's jit it is inlined.
   mask_BxLxL, positions_BxL = mask_and_positions(tokens_BxL, attention_mask, positions)
   with nn.logical_axis_rules(rules):
-    return Transformer(config).apply({"params": params}, tokens_BxL, positions_BxL, mask_BxLxL)
+    return Transformer(config).apply({"params": params}, tokens_BxL, positions_BxL,
+                                     mask_BxLxL)[1]
 
 
-__all__ = ["ModelConfig", "Transformer", "apply", "as_model_config"]
+def forward(config: ModelConfig, params, tokens_BxW, positions_BxW, mask_BxWxS, *,
+            cache: KVCache | None = None, cache_start=0, collect_kv: bool = False,
+            logits_start=0, logits_length: int | None = None, rules=LOGICAL_AXIS_RULES):
+  """The model with its KV-cache options, for callers inside their own jit (the sampler):
+  returns (KVCache [NL, B, S, K, Dh] or None, logits). See `Transformer`."""
+  with nn.logical_axis_rules(tuple(rules)):
+    return Transformer(config, collect_kv).apply(
+        {"params": params}, tokens_BxW, positions_BxW, mask_BxWxS, cache, cache_start,
+        logits_start, logits_length)
+
+
+__all__ = ["KVCache", "ModelConfig", "Transformer", "apply", "as_model_config", "forward",
+           "keep_positions", "pair_mask"]

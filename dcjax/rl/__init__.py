@@ -1,4 +1,4 @@
-"""Reinforcement learning (coupled-GRPO, SPEC §4). The rewards live in dcjax.rl.rewards.
+"""Reinforcement learning (coupled-GRPO, docs/grpo.md). The rewards live in dcjax.rl.rewards.
 
 Modules: grpo_config (config sections), prompts / synthetic (tasks, prompts, iterator),
 rollout (G completions from the sampler), reward_worker (rewards on a thread), advantages,

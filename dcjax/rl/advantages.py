@@ -1,4 +1,4 @@
-"""Group-relative advantages (SPEC §4), on the host in numpy.
+"""Group-relative advantages (docs/grpo.md), on the host in numpy.
 
 Rewards come as a flat [B] vector whose rows are grouped by prompt: rows g*G .. g*G+G-1
 are the G completions of prompt g (the layout `rollout` produces).

@@ -3,12 +3,12 @@
 One rollout batch is used for mu policy iterations (optimiser steps). Iteration k uses the
 mask key fold_in(batch_key, k) for all three estimates it needs: the old policy's and the
 reference's (both `score`, before any update) and the current policy's (inside `update`),
-so they share the same t and u (SPEC §4). With mu = 1 the old estimate is the current one
+so they share the same t and u (docs/grpo.md). With mu = 1 the old estimate is the current one
 under stop_gradient and the ratio is exactly 1.
 
 The estimator's noise is drawn for the whole (global) batch from the key, then the batch
 is split into `micro_batches` strided slices whose gradients are averaged: each
-micro-batch's loss is its own token mean (SPEC §4), as in gradient accumulation.
+micro-batch's loss is its own token mean (docs/grpo.md), as in gradient accumulation.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class LearnerConfig:
 def make_optimizer(lr: float, total_steps: int, *, b1: float = 0.9, b2: float = 0.99,
                    adam_eps: float = 1e-8, weight_decay: float = 0.1, warmup_steps: int = 0,
                    end_lr_ratio: float = 0.1, grad_clip: float = 0.2):
-  """(clip -> AdamW(warmup + cosine to lr * end_lr_ratio), schedule); SPEC §4 defaults.
+  """(clip -> AdamW(warmup + cosine to lr * end_lr_ratio), schedule); docs/grpo.md defaults.
 
   Weight decay applies to kernels and embeddings only: biases and norm weights are exempt,
   as in the Hugging Face trainer the released code uses. (Chosen by name: the layers are

@@ -1,4 +1,4 @@
-"""The coupled-GRPO objective (SPEC §4): PPO clipping plus a k3 KL penalty, token-level mean.
+"""The coupled-GRPO objective (docs/grpo.md): PPO clipping plus a k3 KL penalty, token-level mean.
 
 Per valid completion token, with ratio r = exp(logp - old_logp) and advantage A of its
 sequence:

@@ -1,4 +1,4 @@
-"""RL prompt data: tasks, prompt construction (SPEC §4) and a checkpointable grain iterator.
+"""RL prompt data: tasks, prompt construction (docs/grpo.md) and a checkpointable grain iterator.
 
 A task is {"question": str, "tests": [assert strings], "solution": str or None}. Sources:
   jsonl      AceCode-style records with `question` and a list of asserts in `test_cases`
@@ -33,7 +33,7 @@ STUB_MARK = "\n```\n"
 
 
 def build_question(question: str, tests: Sequence[str], add_first_test: bool = True) -> str:
-  """The user turn's content (SPEC §4)."""
+  """The user turn's content (docs/grpo.md)."""
   if add_first_test and tests and STUB_MARK not in question:
     return question + "\nTest cases: " + tests[0]
   return question

@@ -4,7 +4,7 @@ A reward function is `fn(rollout: HostRollout, tasks: list[dict]) -> RewardResul
 `tasks[i]` is the task of the i-th host-local prompt (row r belongs to prompt r // G).
 `TextReward` is the default: it decodes each completion up to and including the first
 chat end (special tokens stripped) and sums the registered text rewards of
-`dcjax.rl.rewards` with weights (SPEC: 2.0 code + 0.5 format), asserts run in the sandbox
+`dcjax.rl.rewards` with weights (docs/rewards.md: 2.0 code + 0.5 format), asserts run in the sandbox
 pool. `RewardWorker` runs it on one thread while the main thread dispatches the old and
 reference log-prob passes to the device.
 """

@@ -1,4 +1,4 @@
-"""DiffuCoder's coupled-GRPO rewards (SPEC §4) and a registry of named, weighted rewards.
+"""DiffuCoder's coupled-GRPO rewards (docs/rewards.md) and a registry of named, weighted rewards.
 
 Format reward, the rule of the released code (a full match of one regular expression):
 the decoded completion (special tokens already stripped by the decoder) is any text without a fence, then "```python\\n", then code without

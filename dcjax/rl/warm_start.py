@@ -3,7 +3,7 @@
 A random tiny model never writes a ```python block, so every reward would be 0; DiffuCoder
 starts RL from an Instruct model for the same reason. This gives the demo a weak starting
 policy: rows are [left-padded prompt, fenced solution, chat end, pads to N]; the SFT loss
-of SPEC §2 (one t ~ U(eps, 1) per row, completion tokens masked with probability t, CE / t
+of docs/losses.md (one t ~ U(eps, 1) per row, completion tokens masked with probability t, CE / t
 over masked targets through the logit shift, divided by their count; pads are targets).
 """
 
