@@ -1,5 +1,6 @@
 """The jitted sampler against a plain reference decoder written here from SPEC §3."""
 
+import contextlib
 import dataclasses
 
 import flax.linen as nn
@@ -9,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from dcjax.diffusion import cached_forward, sampler, schedule
+from dcjax.diffusion import schedule
 from dcjax.diffusion.sampler import generate
-from dcjax.model import ModelConfig, apply
+from dcjax import model as model_lib
+from dcjax.model import ModelConfig, apply, keep_positions, pair_mask
 from dcjax.parallel.mesh import make_mesh
 from dcjax.parallel.sharding import abstract_params, param_shardings
 
@@ -134,7 +136,7 @@ def reference_decode(params, ids, keep, *, max_new_tokens, steps, alg, eps=1e-3,
 
 @pytest.mark.parametrize("variant", [{}, {"dtype": "bfloat16"},
                                      {"attention_impl": "dot_product_attention"}])
-def test_cached_forward_equals_model_apply(params, prompts, variant):
+def test_collecting_forward_equals_model_apply(params, prompts, variant):
   config = dataclasses.replace(CONFIG, **variant)
   ids, keep = prompts
   tokens = np.concatenate([ids, np.full((4, N), MASK, np.int32)], axis=1)
@@ -142,10 +144,21 @@ def test_cached_forward_equals_model_apply(params, prompts, variant):
   keep_l = np.concatenate([keep, np.ones((4, N), bool)], axis=1)
   keep_l[2] = False  # a fully padded row
   want = jax.jit(lambda p, t, k: apply(config, p, t, k))(params, tokens, keep_l)
-  got = jax.jit(lambda p, t, k: cached_forward.logits_full(config, p, t, k))(params, tokens,
-                                                                            keep_l)
+
+  @jax.jit
+  def collecting(p, t, k):  # the sampler's refresh pass: K/V kept, logits of one window
+    cache, logits = model_lib.forward(config, p, t, keep_positions(k), pair_mask(k, k),
+                                      collect_kv=True, logits_start=3, logits_length=12)
+    return cache, logits
+
+  cache, got = collecting(params, tokens, keep_l)
+  want = want[:, 3:15]
+  assert cache.k.shape == (CONFIG.num_layers, 4, tokens.shape[1], CONFIG.num_kv_heads,
+                           CONFIG.head_dim) and cache.k.dtype == jnp.dtype(config.dtype)
   assert got.dtype == want.dtype
-  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+  tol = 1e-5 if config.dtype == "float32" else 3e-2  # the head runs on the slice only
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             rtol=tol, atol=tol)
   assert np.isfinite(np.asarray(got, np.float32)).all()
 
 
@@ -157,15 +170,21 @@ def test_window_forward_with_fresh_cache_equals_full(params, prompts, start, wid
 
   @jax.jit
   def full_and_window(params, tokens, keep_l):
-    positions = cached_forward.keep_positions(keep_l)
-    h, kv = cached_forward.forward_full(CONFIG, params, tokens, positions, keep_l)
+    positions = keep_positions(keep_l)
+    kv, logits = model_lib.forward(CONFIG, params, tokens, positions, pair_mask(keep_l, keep_l),
+                                   collect_kv=True)
     sl = lambda x: x[:, start:start + width]
-    h_win = cached_forward.forward_window(CONFIG, params, sl(tokens), sl(positions), sl(keep_l),
-                                          keep_l, kv, start)
-    return sl(h), h_win
+    kv_win, logits_win = model_lib.forward(CONFIG, params, sl(tokens), sl(positions),
+                                           pair_mask(sl(keep_l), keep_l), cache=kv,
+                                           cache_start=start, collect_kv=True)
+    return sl(logits), logits_win, kv, kv_win
 
-  h, h_win = full_and_window(params, tokens, keep_l)
-  np.testing.assert_allclose(np.asarray(h_win), np.asarray(h), rtol=1e-5, atol=1e-5)
+  logits, logits_win, kv, kv_win = full_and_window(params, tokens, keep_l)
+  np.testing.assert_allclose(np.asarray(logits_win), np.asarray(logits), rtol=1e-5, atol=1e-5)
+  # The window's fresh K/V replace the cached ones: equal to the full pass's, to rounding.
+  for old, new in zip(kv, kv_win):
+    np.testing.assert_allclose(np.asarray(new), np.asarray(old), rtol=1e-5, atol=1e-5)
+  assert len(kv) == len(kv_win) == 2
 
 
 # ----------------------------------------------------------------------------- Dream
@@ -184,6 +203,29 @@ def test_greedy_generate_equals_reference(params, prompts, alg, steps, block_len
   np.testing.assert_array_equal(np.asarray(out.reveal_step), want_reveal)
   assert int(out.num_steps) == steps
   assert (want_tokens[:, 6:] != MASK).all()
+
+
+_COMPILES: list | None = None
+
+
+def _on_event(event, duration, **kwargs):
+  del duration, kwargs
+  if _COMPILES is not None and event == "/jax/core/compile/backend_compile_duration":
+    _COMPILES.append(event)
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+
+@contextlib.contextmanager
+def _counting_compiles():
+  """Collects the XLA compilations made inside the block."""
+  global _COMPILES  # pylint: disable=global-statement
+  _COMPILES = []
+  try:
+    yield _COMPILES
+  finally:
+    _COMPILES = None
 
 
 def _counts_per_step(reveal_step, num_steps, p=6):
@@ -223,14 +265,14 @@ def test_sampling_paths_reveal_schedule_counts(params, prompts, alg, block_lengt
   kwargs = dict(max_new_tokens=N, steps=steps, alg=alg, top_p=0.95, top_k=40, alg_temp=0.5,
                 block_length=block_length, return_history=True)
   first = generate(CONFIG, params, ids, keep, temperature=0.9, rng=jax.random.key(0), **kwargs)
-  traces = sampler.TRACE_COUNT[0]
   # Another seed, temperature and prompt of the same shape reuse the compiled program.
   ids2 = np.where(keep, (ids + 7) % 90, PAD)
-  second = generate(CONFIG, params, ids2, keep, temperature=1.2, rng=jax.random.key(1),
-                    **kwargs)
-  assert sampler.TRACE_COUNT[0] == traces
+  with _counting_compiles() as compiles:
+    second = generate(CONFIG, params, ids2, keep, temperature=1.2, rng=jax.random.key(1),
+                      **kwargs)
+  assert compiles == []
   np.testing.assert_array_equal(np.asarray(second.tokens)[:, :6], ids2)
-  want = sampler.schedule_for(N, steps, block_length=block_length).reveal_count
+  want = schedule.build_schedule(N, steps, block_length=block_length).reveal_count
   for out in (first, second):
     np.testing.assert_array_equal(_counts_per_step(out.reveal_step, steps),
                                   np.broadcast_to(want, (4, steps)))

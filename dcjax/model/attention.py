@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,53 +12,76 @@ from dcjax.model.config import ModelConfig
 from dcjax.model.layers import Dense
 from dcjax.model.rope import apply_rope
 
+ACT_Q = ("activation_batch", "activation_length", "activation_heads", "head_dim")
+ACT_KV = ("activation_batch", "activation_length", "activation_kv_heads", "head_dim")
 
-def attend(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, mask_BxLxL):
+
+def attend(q_BxWxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxWxS):
   """softmax(q k^T / sqrt(Dh)) v with float32 softmax; masked keys get the float32 minimum.
 
   A query row whose keys are all masked (a pad row) gets a uniform distribution, so
   it stays finite instead of turning into NaN.
   """
-  b, l, h, dh = q_BxLxHxDh.shape
-  kv = k_BxLxKxDh.shape[2]
-  q_BxLxKxGxDh = q_BxLxHxDh.reshape(b, l, kv, h // kv, dh)
-  scores_BxKxGxLxL = jnp.einsum("blkgd,bmkd->bkglm", q_BxLxKxGxDh, k_BxLxKxDh,
+  b, w, h, dh = q_BxWxHxDh.shape
+  kv = k_BxSxKxDh.shape[2]
+  q_BxWxKxGxDh = q_BxWxHxDh.reshape(b, w, kv, h // kv, dh)
+  scores_BxKxGxWxS = jnp.einsum("blkgd,bmkd->bkglm", q_BxWxKxGxDh, k_BxSxKxDh,
                                 preferred_element_type=jnp.float32) * (dh ** -0.5)
-  if mask_BxLxL is not None:
-    scores_BxKxGxLxL = jnp.where(mask_BxLxL[:, None, None], scores_BxKxGxLxL,
+  if mask_BxWxS is not None:
+    scores_BxKxGxWxS = jnp.where(mask_BxWxS[:, None, None], scores_BxKxGxWxS,
                                  jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores_BxKxGxLxL, axis=-1).astype(v_BxLxKxDh.dtype)
-  out_BxLxKxGxDh = jnp.einsum("bkglm,bmkd->blkgd", probs, v_BxLxKxDh)
-  return out_BxLxKxGxDh.reshape(b, l, h, dh)
+  probs = jax.nn.softmax(scores_BxKxGxWxS, axis=-1).astype(v_BxSxKxDh.dtype)
+  out_BxWxKxGxDh = jnp.einsum("bkglm,bmkd->blkgd", probs, v_BxSxKxDh)
+  return out_BxWxKxGxDh.reshape(b, w, h, dh)
+
+
+class KVCache(NamedTuple):
+  """Keys (after RoPE) and values of every key position: [B, S, K, Dh] each, or stacked per
+  layer [NL, B, S, K, Dh] when returned by the Transformer."""
+
+  k: jax.Array
+  v: jax.Array
+
+
+def attention_kernel(config: ModelConfig, q_BxWxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxWxS):
+  """The configured attention implementation (`config.attention_impl`)."""
+  if config.attention_impl == "dot_product_attention":
+    mask = None if mask_BxWxS is None else mask_BxWxS[:, None]
+    return jax.nn.dot_product_attention(q_BxWxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask=mask)
+  return attend(q_BxWxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxWxS)
 
 
 class Attention(nn.Module):
+  """Attention of W query positions over S key positions; returns (cache, out).
+
+  Without a cache, the keys are the W positions themselves (S = W) and the returned cache is
+  their K/V. With a cache (the whole canvas, S positions), the W fresh K/V replace the cache's
+  entries at [cache_start, cache_start + W) before attending, and the updated cache is
+  returned (Fast-dLLM's block cache, docs/sampler.md). `cache_start` may be traced.
+  """
+
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, cos_BxLxDh, sin_BxLxDh, mask_BxLxL):
+  def __call__(self, x_BxWxD, cos_BxWxDh, sin_BxWxDh, mask_BxWxS, cache: KVCache | None = None,
+               cache_start=0):
     c = self.config
 
     def proj(heads, axes, name):
       return Dense(c, (heads, c.head_dim), ("embed",) + axes, bias_axes=axes, name=name)
 
-    q = proj(c.num_heads, ("heads", "head_dim"), "q_proj")(x_BxLxD)
-    k = proj(c.num_kv_heads, ("kv_heads", "head_dim"), "k_proj")(x_BxLxD)
-    v = proj(c.num_kv_heads, ("kv_heads", "head_dim"), "v_proj")(x_BxLxD)
-    q_BxLxHxDh = nn.with_logical_constraint(
-        apply_rope(q, cos_BxLxDh, sin_BxLxDh),
-        ("activation_batch", "activation_length", "activation_heads", "head_dim"))
-    k_BxLxKxDh = nn.with_logical_constraint(
-        apply_rope(k, cos_BxLxDh, sin_BxLxDh),
-        ("activation_batch", "activation_length", "activation_kv_heads", "head_dim"))
-    v_BxLxKxDh = nn.with_logical_constraint(
-        v, ("activation_batch", "activation_length", "activation_kv_heads", "head_dim"))
-
-    if c.attention_impl == "dot_product_attention":
-      mask = None if mask_BxLxL is None else mask_BxLxL[:, None]
-      out_BxLxHxDh = jax.nn.dot_product_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, mask=mask)
+    q = proj(c.num_heads, ("heads", "head_dim"), "q_proj")(x_BxWxD)
+    k = proj(c.num_kv_heads, ("kv_heads", "head_dim"), "k_proj")(x_BxWxD)
+    v = proj(c.num_kv_heads, ("kv_heads", "head_dim"), "v_proj")(x_BxWxD)
+    q_BxWxHxDh = nn.with_logical_constraint(apply_rope(q, cos_BxWxDh, sin_BxWxDh), ACT_Q)
+    k_BxWxKxDh = nn.with_logical_constraint(apply_rope(k, cos_BxWxDh, sin_BxWxDh), ACT_KV)
+    v_BxWxKxDh = nn.with_logical_constraint(v, ACT_KV)
+    if cache is None:
+      cache = KVCache(k_BxWxKxDh, v_BxWxKxDh)
     else:
-      out_BxLxHxDh = attend(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, mask_BxLxL)
-
-    return Dense(c, (c.hidden_size,), ("heads", "head_dim", "embed"), contract=2,
-                 name="o_proj")(out_BxLxHxDh)
+      cache = KVCache(*(jax.lax.dynamic_update_slice_in_dim(
+          old, new.astype(old.dtype), cache_start, axis=1)
+                        for old, new in zip(cache, (k_BxWxKxDh, v_BxWxKxDh))))
+    out_BxWxHxDh = attention_kernel(c, q_BxWxHxDh, cache.k, cache.v, mask_BxWxS)
+    return cache, Dense(c, (c.hidden_size,), ("heads", "head_dim", "embed"), contract=2,
+                        name="o_proj")(out_BxWxHxDh)

@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dcjax.model.attention import Attention
+from dcjax.model.attention import Attention, KVCache
 from dcjax.model.config import ModelConfig
 from dcjax.model.layers import MLP, Dense, Embed, RMSNorm
 from dcjax.model.rope import rope_cos_sin
@@ -21,43 +21,72 @@ REMAT_POLICIES = {
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm block: h += attn(norm(h)); h += mlp(norm(h))."""
+  """Pre-norm block: h += attn(norm(h)); h += mlp(norm(h)). Returns (h, this layer's
+  K/V when `collect_kv`, else None)."""
 
   config: ModelConfig
+  collect_kv: bool = False
 
   @nn.compact
-  def __call__(self, x_BxLxD, cos_BxLxDh, sin_BxLxDh, mask_BxLxL):
+  def __call__(self, x_BxWxD, cos_BxWxDh, sin_BxWxDh, mask_BxWxS, cache, cache_start):
     c = self.config
-    h = RMSNorm(c, name="input_layernorm")(x_BxLxD)
-    x_BxLxD = x_BxLxD + Attention(c, name="self_attn")(h, cos_BxLxDh, sin_BxLxDh, mask_BxLxL)
-    h = RMSNorm(c, name="post_attention_layernorm")(x_BxLxD)
-    x_BxLxD = x_BxLxD + MLP(c, name="mlp")(h)
-    return nn.with_logical_constraint(x_BxLxD, ACT_BxLxD), None
+    h = RMSNorm(c, name="input_layernorm")(x_BxWxD)
+    cache, attn_BxWxD = Attention(c, name="self_attn")(h, cos_BxWxDh, sin_BxWxDh, mask_BxWxS,
+                                                       cache, cache_start)
+    x_BxWxD = x_BxWxD + attn_BxWxD
+    h = RMSNorm(c, name="post_attention_layernorm")(x_BxWxD)
+    x_BxWxD = x_BxWxD + MLP(c, name="mlp")(h)
+    return nn.with_logical_constraint(x_BxWxD, ACT_BxLxD), cache if self.collect_kv else None
 
 
 class Transformer(nn.Module):
-  """tokens [B, L] -> unshifted logits [B, L, V] (position i-1 predicts token i)."""
+  """tokens [B, W] -> (KV cache or None, unshifted logits); position i-1 predicts token i.
+
+  Without a cache, the W tokens attend to each other under `mask_BxWxS` (S = W). With a
+  `cache` (every layer's K/V of a canvas of S positions, stacked [NL, B, S, K, Dh]), the W
+  tokens are the canvas positions [cache_start, cache_start + W) and attend to the whole
+  canvas, their fresh K/V replacing the cached ones (docs/model.md, "KV cache"). With
+  `collect_kv`, the K/V used by every layer are returned as the new cache. `logits_length`
+  (static) applies the LM head only to positions [logits_start, logits_start + length) of
+  the W: the sampler reads one block, not the whole canvas.
+  """
 
   config: ModelConfig
+  collect_kv: bool = False
 
   @nn.compact
-  def __call__(self, tokens_BxL, positions_BxL, mask_BxLxL):
+  def __call__(self, tokens_BxW, positions_BxW, mask_BxWxS, cache: KVCache | None = None,
+               cache_start=0, logits_start=0, logits_length: int | None = None):
     c = self.config
-    x_BxLxD = nn.with_logical_constraint(Embed(c, name="embed_tokens")(tokens_BxL), ACT_BxLxD)
-    cos_BxLxDh, sin_BxLxDh = rope_cos_sin(positions_BxL, c.head_dim, c.rope_theta)
+    x_BxWxD = nn.with_logical_constraint(Embed(c, name="embed_tokens")(tokens_BxW), ACT_BxLxD)
+    cos_BxWxDh, sin_BxWxDh = rope_cos_sin(positions_BxW, c.head_dim, c.rope_theta)
 
     layer = DecoderLayer
     if c.remat_policy != "none":
       layer = nn.remat(DecoderLayer, policy=REMAT_POLICIES[c.remat_policy], prevent_cse=False)
     stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
-                    metadata_params={nn.PARTITION_NAME: "layers"})
-    x_BxLxD, _ = stack(c, name="layers")(x_BxLxD, cos_BxLxDh, sin_BxLxDh, mask_BxLxL)
+                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                    length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+    x_BxWxD, new_cache = stack(c, self.collect_kv, name="layers")(
+        x_BxWxD, cos_BxWxDh, sin_BxWxDh, mask_BxWxS, cache, cache_start)
 
-    x_BxLxD = RMSNorm(c, name="norm")(x_BxLxD)
-    logits_BxLxV = Dense(c, (c.vocab_size,), ("embed", "vocab"), name="lm_head")(x_BxLxD)
-    return nn.with_logical_constraint(
-        logits_BxLxV, ("activation_batch", "activation_length", "activation_vocab"))
+    x_BxWxD = RMSNorm(c, name="norm")(x_BxWxD)
+    if logits_length is not None:
+      x_BxWxD = jax.lax.dynamic_slice_in_dim(x_BxWxD, logits_start, logits_length, axis=1)
+    logits_BxWxV = Dense(c, (c.vocab_size,), ("embed", "vocab"), name="lm_head")(x_BxWxD)
+    return new_cache, nn.with_logical_constraint(
+        logits_BxWxV, ("activation_batch", "activation_length", "activation_vocab"))
+
+
+def keep_positions(keep_BxL):
+  """Dream's position ids for left-padded rows: cumsum(keep) - 1, pads at position 1."""
+  keep = keep_BxL.astype(bool)
+  return jnp.where(keep, jnp.cumsum(keep, axis=-1, dtype=jnp.int32) - 1, 1)
+
+
+def pair_mask(keep_q_BxW, keep_k_BxS):
+  """Query i may attend key j iff both are real tokens (outer product of the keep-masks)."""
+  return keep_q_BxW.astype(bool)[:, :, None] & keep_k_BxS.astype(bool)[:, None, :]
 
 
 def mask_and_positions(tokens_BxL, attention_mask=None, positions=None):
@@ -75,9 +104,8 @@ def mask_and_positions(tokens_BxL, attention_mask=None, positions=None):
   else:
     attention_mask = jnp.asarray(attention_mask)
     if attention_mask.shape == (b, l):
-      keep_BxL = attention_mask.astype(bool)
-      mask_BxLxL = keep_BxL[:, :, None] & keep_BxL[:, None, :]
-      default_BxL = jnp.where(keep_BxL, jnp.cumsum(keep_BxL, axis=-1, dtype=jnp.int32) - 1, 1)
+      mask_BxLxL = pair_mask(attention_mask, attention_mask)
+      default_BxL = keep_positions(attention_mask)
     elif attention_mask.shape == (b, l, l):
       mask_BxLxL = attention_mask.astype(bool)
       default_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
