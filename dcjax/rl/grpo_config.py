@@ -1,8 +1,8 @@
-"""The config sections of mode "grpo" (coupled-GRPO, SPEC §4): defaults and validation.
+"""The config sections of mode "grpo" (coupled-GRPO, docs/grpo.md): defaults and validation.
 
 Sections added to `base_config()`:
   rl          group size, policy iterations, clipping, KL, advantages, estimator, reference
-  optim       AdamW (SPEC: lr 1e-6, betas (0.9, 0.99), weight decay 0.1, cosine to 10%,
+  optim       AdamW (docs/grpo.md: lr 1e-6, betas (0.9, 0.99), weight decay 0.1, cosine to 10%,
               grad clip 0.2)
   sampler     rollout settings passed to `dcjax.diffusion.sampler.generate`
   prompts     task source, prompt construction and left truncation, tokenizer
@@ -35,7 +35,7 @@ class GRPOConfigError(ValueError):
 
 
 def add_grpo_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Adds the grpo sections with the paper's defaults (SPEC §4) to a base config."""
+  """Adds the grpo sections with the paper's defaults (docs/grpo.md) to a base config."""
   c.mode = "grpo"
   c.rl = ml_collections.ConfigDict(dict(
       steps=1000,                 # rollout batches; optimiser steps = steps * num_iterations
@@ -58,7 +58,7 @@ def add_grpo_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
       ref_update="hard",          # "hard" copy (paper) or "soft" mix (released code)
       ref_mix_alpha=0.6,          # soft: ref <- alpha * policy + (1 - alpha) * ref
       reward_weights=ml_collections.ConfigDict({"code": 2.0, "format": 0.5}),
-      reward_timeout_s=5.0,       # per assert (SPEC)
+      reward_timeout_s=5.0,       # per assert (docs/rewards.md)
       reward_workers=0,           # sandbox workers; 0 = one per CPU
       log_every=1,
       log_completions=1,          # completions printed at each log line
@@ -77,8 +77,8 @@ def add_grpo_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
       mbpp_task_ids="601-974",    # MBPP train split
       synthetic_tasks=200, synthetic_seed=0,
       system_prompt=DEFAULT_SYSTEM_PROMPT,
-      add_first_test=True,        # question + "\nTest cases: " + first assert (SPEC §4)
-      max_prompt_len=200,         # left truncation (SPEC §4)
+      add_first_test=True,        # question + "\nTest cases: " + first assert (docs/grpo.md)
+      max_prompt_len=200,         # left truncation (docs/grpo.md)
       pad_multiple=32,            # prompt batches are left-padded to a multiple of this
       tokenizer="",               # .model or HF dir; "" -> hf_dir's, else trained + cached
       tokenizer_vocab_size=512,   # of the trained one (on the tasks); 0 = never train one
