@@ -19,7 +19,7 @@ $DCJAX_SHARED_DATA), `humaneval_plus` / `mbpp_plus` with
 import ml_collections
 
 from dcjax.config import base_config
-from dcjax.diffusion.sample_cli import sampler_section
+from dcjax.diffusion.sampler_config import sampler_section
 
 
 def get_config():

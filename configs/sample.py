@@ -22,7 +22,7 @@ number of steps and tokens/s, and writes completions.jsonl to the workdir.
 from ml_collections import config_dict
 
 from dcjax.config import base_config
-from dcjax.diffusion.sample_cli import sampler_section
+from dcjax.diffusion.sampler_config import sampler_section
 
 
 def get_config():

@@ -18,7 +18,7 @@ from dcjax.eval import tasks as eval_tasks
 from dcjax.model import ModelConfig
 from dcjax.rl import prompts as rl_prompts
 from dcjax.train import loop
-from dcjax.train.train_config import TrainConfigError
+from dcjax.config import ConfigError
 
 JSON_DIR = os.path.join(sysconfig.get_paths()["stdlib"], "json")
 
@@ -136,7 +136,7 @@ def test_training_on_empty_texts_stops_with_one_line(tmp_path):
 def test_eval_batches_without_held_out_records_is_refused():
   config = tiny.get_config()
   config.data.eval_docs = 0
-  with pytest.raises(TrainConfigError, match=r"config.train.eval_batches=\d+ but "
+  with pytest.raises(ConfigError, match=r"config.train.eval_batches=\d+ but "
                                              r"config.data.eval_docs=0"):
     config_lib.validate(config)
 
@@ -147,7 +147,7 @@ def test_eval_batches_without_held_out_records_is_refused():
 def test_seq_len_beyond_positions_fails_validation():
   config = tiny.get_config()
   config.data.seq_len = 2048
-  with pytest.raises(TrainConfigError, match=r"config.data.seq_len = 2048 positions, more than "
+  with pytest.raises(ConfigError, match=r"config.data.seq_len = 2048 positions, more than "
                                              r"the model's max_position_embeddings=1024 "
                                              r"\(config.model\)"):
     config_lib.validate(config)
@@ -172,7 +172,7 @@ def test_seq_len_beyond_a_checkpoints_positions_names_its_config_json(tmp_path):
   config.train.update(dict(eval_batches=0, sample_new_tokens=0))
   config.data.update(dict(stdlib_root=JSON_DIR, eval_docs=1, seq_len=128, tokenizer=tok_path))
   config_lib.validate(config)  # the checkpoint's positions are not known yet
-  with pytest.raises(TrainConfigError, match=rf"config.data.seq_len = 128 positions, more than "
+  with pytest.raises(ConfigError, match=rf"config.data.seq_len = 128 positions, more than "
                                              rf"the model's max_position_embeddings=64 "
                                              rf"\({tmp_path}/hf/config.json\)"):
     loop.train(config, str(tmp_path / "run"))

@@ -221,7 +221,7 @@ def test_run_eval_from_config(humaneval, tmp_path):
   assert config.mode == "eval" and config.eval.benchmark == "humaneval"
   # DiffuCoder's evaluation settings (docs/evaluation.md).
   spec = {"max_new_tokens": 256, "steps": 256, "alg": "entropy", "temperature": 0.2,
-          "top_p": 0.95, "alg_temp": 0.0, "eps": 1e-3, "block_length": None, "threshold": None}
+          "top_p": 0.95, "alg_temp": 0.0, "eps": 1e-3, "block_length": 0, "threshold": 0.0}
   assert {k: config.sampler[k] for k in spec} == spec
   config.eval.limit = 3
   config.eval.n_samples = 2

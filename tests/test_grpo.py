@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dcjax.config import base_config
+from dcjax.config import ConfigError, base_config
+from dcjax.diffusion import sampler_config
 from dcjax.rl import advantages as adv_lib
 from dcjax.rl import grpo_config, logprobs, prompts, synthetic
 from dcjax.rl import loss as loss_lib
@@ -290,9 +291,9 @@ def test_config_validation_names_fields():
     c = grpo_config.add_grpo_sections(base_config())
     c.prompts.path, c.prompts.tokenizer = "x.jsonl", "tok.model"
     c[section][field] = value
-    with pytest.raises(grpo_config.GRPOConfigError, match=message.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
       grpo_config.validate(c)
-  kwargs = grpo_config.sampler_kwargs(cfg.sampler)
+  kwargs = sampler_config.sampler_kwargs(cfg.sampler)
   assert kwargs["temperature"] == 1.2 and kwargs["top_p"] == 0.95 and kwargs["alg"] == "entropy"
   assert kwargs["top_k"] is None and kwargs["block_length"] is None and kwargs["cache"] is None
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dcjax.config import base_config
+from dcjax.config import ConfigError, base_config
 from dcjax.model import ModelConfig
 from dcjax.rl import grpo_config, logprobs
 from tests.test_sampler import random_params
@@ -57,6 +57,6 @@ def test_release_scoring_requires_padding_to_the_longest():
   c.prompts.pad_multiple = 1
   grpo_config.validate(c)  # the release's scoring
   c.prompts.pad_multiple = 32
-  with pytest.raises(grpo_config.GRPOConfigError,
+  with pytest.raises(ConfigError,
                      match=r"config\.prompts\.pad_multiple=32 would change every log-prob"):
     grpo_config.validate(c)

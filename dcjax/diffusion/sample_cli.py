@@ -12,14 +12,13 @@ import os
 import time
 
 import jax
-from ml_collections import config_dict
 import numpy as np
 
 from dcjax import config as config_lib
 from dcjax import workdir as workdir_lib
 from dcjax.diffusion import decode, visualize
-from dcjax.diffusion.sampler import CACHE_MODES, generate
-from dcjax.diffusion.schedule import ALGS
+from dcjax.diffusion.sampler import generate
+from dcjax.diffusion.sampler_config import sampler_kwargs, validate_sampler
 from dcjax.parallel import mesh as mesh_lib
 from dcjax.parallel import sharding
 from dcjax.parallel.rules import MESH_AXES
@@ -27,62 +26,11 @@ from dcjax.parallel.rules import MESH_AXES
 ConfigError = config_lib.ConfigError
 
 
-def sampler_section(**overrides) -> config_dict.ConfigDict:
-  """`config.sampler` with every `generate` option (Dream's defaults), for configs/*.py."""
-  section = config_dict.ConfigDict(dict(
-      max_new_tokens=64,
-      steps=64,
-      alg="entropy",  # origin | maskgit_plus | topk_margin | entropy
-      temperature=0.2,
-      top_p=config_dict.placeholder(float),  # e.g. 0.95
-      top_k=config_dict.placeholder(int),
-      alg_temp=0.0,  # > 0 samples the revealed positions
-      eps=1e-3,
-      block_length=config_dict.placeholder(int),  # LLaDA blocks, e.g. 32
-      threshold=config_dict.placeholder(float),  # Fast-dLLM, e.g. 0.9
-      cache=config_dict.placeholder(str),  # prefix | dual
-      cache_refresh_every=0,  # 0: recompute the canvas once per block
-  ))
-  section.update(overrides)
-  return section
-
-
-def sampler_kwargs(sampler_config) -> dict:
-  """`generate` keyword arguments from `config.sampler` (empty strings and 0 mean unset)."""
-  s = sampler_config
-  cache = s.get("cache") or None
-  alg_temp = s.get("alg_temp")
-  return dict(max_new_tokens=int(s.max_new_tokens), steps=int(s.steps), alg=s.alg,
-              temperature=float(s.temperature), top_p=s.get("top_p"), top_k=s.get("top_k"),
-              alg_temp=alg_temp if alg_temp else None, eps=float(s.eps),
-              block_length=s.get("block_length"), threshold=s.get("threshold"), cache=cache,
-              cache_refresh_every=int(s.get("cache_refresh_every", 0)))
-
-
 def validate(config) -> None:
   """Checks config.sampler and the sample-mode fields; raises ConfigError naming the field."""
   if "sampler" not in config:
     raise ConfigError("config.sampler is missing (see configs/sample.py)")
-  s = config.sampler
-  for name in ("max_new_tokens", "steps"):
-    if not isinstance(s.get(name), int) or s.get(name) < 1:
-      raise ConfigError(f"config.sampler.{name}={s.get(name)!r} must be a positive integer")
-  if s.alg not in ALGS:
-    raise ConfigError(f"config.sampler.alg={s.alg!r} is not one of {ALGS}")
-  if s.temperature < 0:
-    raise ConfigError(f"config.sampler.temperature={s.temperature} must be >= 0")
-  if (s.get("cache") or None) not in CACHE_MODES:
-    raise ConfigError(f"config.sampler.cache={s.cache!r} is not one of {CACHE_MODES}")
-  bl = s.get("block_length")
-  if bl is not None and (bl < 1 or s.max_new_tokens % bl):
-    raise ConfigError(f"config.sampler.block_length={bl} must divide "
-                      f"config.sampler.max_new_tokens={s.max_new_tokens}")
-  num_blocks = 1 if bl is None else s.max_new_tokens // bl
-  if s.get("threshold") is None and s.steps % num_blocks:
-    raise ConfigError(f"config.sampler.steps={s.steps} must be a multiple of the number of "
-                      f"blocks ({num_blocks})")
-  if s.get("threshold") is not None and s.alg == "origin":
-    raise ConfigError("config.sampler.threshold needs a confidence alg, not 'origin'")
+  validate_sampler(config.sampler)
   if not isinstance(config.get("prompt"), str) or not config.prompt:
     raise ConfigError("config.prompt must be a non-empty string")
   if config.get("num_samples", 1) < 1:

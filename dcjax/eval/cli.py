@@ -3,8 +3,8 @@
 Config sections read here (see configs/eval_humaneval.py):
   config.eval     benchmark, data_path, n_samples, k, prompt_style, output_dir, timeout_s,
                   memory_mb, workers, batch_size, limit
-  config.sampler  max_new_tokens, steps, alg, temperature, top_p, alg_temp (for the
-                  sampler that makes generate_fn; recorded in the summary)
+  config.sampler  the shared sampler section (dcjax/diffusion/sampler_config.py) of the
+                  sampler that makes generate_fn; recorded in the summary
 """
 
 from __future__ import annotations
@@ -14,74 +14,56 @@ import os
 import sys
 from typing import Any
 
+from dcjax.config import ConfigError
+from dcjax.diffusion.sampler_config import validate_sampler
 from dcjax.eval.harness import EvalReport, GenerateFn, evaluate
 from dcjax.eval.prompts import PROMPT_STYLES
 from dcjax.eval.tasks import BENCHMARKS, load_benchmark
 from dcjax.execution import SandboxConfig
-
-SAMPLER_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
-
-
-class EvalConfigError(ValueError):
-  """A field of config.eval / config.sampler is wrong; the message names it."""
 
 
 def _get(section: Any, name: str, where: str) -> Any:
   try:
     return section[name]
   except (KeyError, AttributeError, TypeError):
-    raise EvalConfigError(f"{where}.{name} is missing") from None
+    raise ConfigError(f"{where}.{name} is missing") from None
 
 
 def validate(config: Any) -> None:
-  """Checks config.eval and config.sampler; raises EvalConfigError naming the field."""
+  """Checks config.eval and config.sampler; raises ConfigError naming the field."""
   if "eval" not in config:
-    raise EvalConfigError("config.eval is missing (see configs/eval_humaneval.py)")
+    raise ConfigError("config.eval is missing (see configs/eval_humaneval.py)")
   ev = config.eval
   benchmark = _get(ev, "benchmark", "config.eval")
   if benchmark not in BENCHMARKS:
-    raise EvalConfigError(f"config.eval.benchmark={benchmark!r} is not one of {BENCHMARKS}")
+    raise ConfigError(f"config.eval.benchmark={benchmark!r} is not one of {BENCHMARKS}")
   if benchmark.endswith("_plus") and not _get(ev, "data_path", "config.eval"):
-    raise EvalConfigError(f"config.eval.data_path must name the EvalPlus JSONL for "
+    raise ConfigError(f"config.eval.data_path must name the EvalPlus JSONL for "
                           f"{benchmark!r}")
   data_path = _get(ev, "data_path", "config.eval")
   if data_path and not os.path.exists(data_path):
-    raise EvalConfigError(f"config.eval.data_path={data_path!r} does not exist")
+    raise ConfigError(f"config.eval.data_path={data_path!r} does not exist")
   style = _get(ev, "prompt_style", "config.eval")
   if style not in PROMPT_STYLES:
-    raise EvalConfigError(f"config.eval.prompt_style={style!r} is not one of {PROMPT_STYLES}")
+    raise ConfigError(f"config.eval.prompt_style={style!r} is not one of {PROMPT_STYLES}")
   n = _get(ev, "n_samples", "config.eval")
   if not isinstance(n, int) or n < 1:
-    raise EvalConfigError(f"config.eval.n_samples={n!r} must be a positive integer")
+    raise ConfigError(f"config.eval.n_samples={n!r} must be a positive integer")
   ks = _get(ev, "k", "config.eval")
   if isinstance(ks, int):
     ks = (ks,)
   if not ks or any(not isinstance(k, int) or not 1 <= k <= n for k in ks):
-    raise EvalConfigError(f"config.eval.k={ks!r} must be integers in [1, n_samples={n}]")
+    raise ConfigError(f"config.eval.k={ks!r} must be integers in [1, n_samples={n}]")
   for name in ("timeout_s", "memory_mb", "batch_size"):
     value = _get(ev, name, "config.eval")
     if not isinstance(value, (int, float)) or value <= 0:
-      raise EvalConfigError(f"config.eval.{name}={value!r} must be positive")
+      raise ConfigError(f"config.eval.{name}={value!r} must be positive")
   for name in ("workers", "limit"):
     value = _get(ev, name, "config.eval")
     if not isinstance(value, int) or value < 0:
-      raise EvalConfigError(f"config.eval.{name}={value!r} must be >= 0 (0: automatic/all)")
+      raise ConfigError(f"config.eval.{name}={value!r} must be >= 0 (0: automatic/all)")
   if "sampler" in config:
-    sampler = config.sampler
-    alg = _get(sampler, "alg", "config.sampler")
-    if alg not in SAMPLER_ALGS:
-      raise EvalConfigError(f"config.sampler.alg={alg!r} is not one of {SAMPLER_ALGS}")
-    for name in ("max_new_tokens", "steps"):
-      value = _get(sampler, name, "config.sampler")
-      if not isinstance(value, int) or value < 1:
-        raise EvalConfigError(f"config.sampler.{name}={value!r} must be a positive integer")
-    top_p = _get(sampler, "top_p", "config.sampler")
-    if not 0 < top_p <= 1:
-      raise EvalConfigError(f"config.sampler.top_p={top_p!r} must be in (0, 1]")
-    for name in ("temperature", "alg_temp"):
-      if _get(sampler, name, "config.sampler") < 0:
-        raise EvalConfigError(f"config.sampler.{name} must be >= 0")
-
+    validate_sampler(config.sampler)
 
 def run_eval(config: Any, generate_fn: GenerateFn, *, workdir: str = "",
              progress: bool = True) -> EvalReport:

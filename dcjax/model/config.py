@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# remat_policy name -> the `jax.checkpoint_policies` policy applied to each scanned layer.
+REMAT_POLICIES = {"none": None, "full": "nothing_saveable", "dots": "checkpoint_dots",
+                  "dots_no_batch": "checkpoint_dots_with_no_batch_dims"}
 ATTENTION_IMPLS = ("xla", "dot_product_attention")
 
 
@@ -65,7 +67,8 @@ class ModelConfig:
     if self.head_dim % 2:
       raise ValueError(f"{prefix}.head_dim={self.head_dim} must be even (rotary embedding)")
     if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"{prefix}.remat_policy={self.remat_policy!r} is not one of {REMAT_POLICIES}")
+      raise ValueError(f"{prefix}.remat_policy={self.remat_policy!r} is not one of "
+                       f"{tuple(REMAT_POLICIES)}")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"{prefix}.attention_impl={self.attention_impl!r} is not one of "
                        f"{ATTENTION_IMPLS}")

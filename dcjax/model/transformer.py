@@ -7,17 +7,11 @@ import jax
 import jax.numpy as jnp
 
 from dcjax.model.attention import Attention, KVCache
-from dcjax.model.config import ModelConfig
+from dcjax.model.config import REMAT_POLICIES, ModelConfig
 from dcjax.model.layers import MLP, Dense, Embed, RMSNorm
 from dcjax.model.rope import rope_cos_sin
 
 ACT_BxLxD = ("activation_batch", "activation_length", "activation_embed")
-
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
 
 
 class DecoderLayer(nn.Module):
@@ -63,7 +57,8 @@ class Transformer(nn.Module):
 
     layer = DecoderLayer
     if c.remat_policy != "none":
-      layer = nn.remat(DecoderLayer, policy=REMAT_POLICIES[c.remat_policy], prevent_cse=False)
+      policy = getattr(jax.checkpoint_policies, REMAT_POLICIES[c.remat_policy])
+      layer = nn.remat(DecoderLayer, policy=policy, prevent_cse=False)
     stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                     in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
                     length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})

@@ -10,28 +10,24 @@ Sections added to `base_config()`:
   checkpoint  orbax interval / keep / async / restore / verify ("skip": a corrupt newest
               checkpoint is reported and the previous one restored; "fatal": stop)
 
-Sentinels (ConfigDict fields keep their type): sampler.top_k=0, sampler.block_length=0,
-sampler.threshold=0.0 and sampler.cache="" mean "off"; prompts.shuffle_seed=-1 means
-config.seed.
+config.sampler is the shared section of dcjax/diffusion/sampler_config.py (sentinels for
+"off"); prompts.shuffle_seed=-1 means config.seed.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
+from dcjax.config import ConfigError
 from dcjax.data.tokenizer import DEFAULT_SYSTEM_PROMPT
+from dcjax.diffusion.sampler_config import sampler_section, validate_sampler
 from dcjax.model.config import ModelConfig
+from dcjax.rl import advantages, learner, logprobs
 from dcjax.train import checkpoint
 
-ESTIMATORS = ("coupled", "decoupled", "full")
-ADVANTAGES = ("mean", "loo")
-REF_UPDATES = ("hard", "soft")
 PROMPT_SOURCES = ("jsonl", "mbpp", "synthetic")
-SAMPLER_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 
 
-class GRPOConfigError(ValueError):
-  """A grpo-mode field is bad; the message names it."""
 
 
 def add_grpo_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -66,10 +62,8 @@ def add_grpo_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-6, b1=0.9, b2=0.99, adam_eps=1e-8, weight_decay=0.1, warmup_steps=0,
       end_lr_ratio=0.1, grad_clip=0.2))
-  c.sampler = ml_collections.ConfigDict(dict(
-      max_new_tokens=256, steps=256, alg="entropy", temperature=1.2, top_p=0.95, top_k=0,
-      alg_temp=0.0, eps=1e-3, block_length=0, threshold=0.0, cache="",
-      cache_refresh_every=0))
+  c.sampler = sampler_section(max_new_tokens=256, steps=256, alg="entropy", temperature=1.2,
+                              top_p=0.95)
   c.prompts = ml_collections.ConfigDict(dict(
       source="jsonl",             # jsonl (AceCode: question, test_cases) | mbpp | synthetic
       path="",
@@ -95,22 +89,22 @@ def add_grpo_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
 def _int(section, name, prefix, minimum=1):
   value = section.get(name)
   if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    raise GRPOConfigError(f"{prefix}.{name}={value!r} must be an integer >= {minimum}")
+    raise ConfigError(f"{prefix}.{name}={value!r} must be an integer >= {minimum}")
 
 
 def _number(section, name, prefix, low=None, high=None, low_open=False):
   value = section.get(name)
   if isinstance(value, bool) or not isinstance(value, (int, float)):
-    raise GRPOConfigError(f"{prefix}.{name}={value!r} must be a number")
+    raise ConfigError(f"{prefix}.{name}={value!r} must be a number")
   if low is not None and (value < low or (low_open and value == low)):
-    raise GRPOConfigError(f"{prefix}.{name}={value!r} must be {'>' if low_open else '>='} {low}")
+    raise ConfigError(f"{prefix}.{name}={value!r} must be {'>' if low_open else '>='} {low}")
   if high is not None and value > high:
-    raise GRPOConfigError(f"{prefix}.{name}={value!r} must be <= {high}")
+    raise ConfigError(f"{prefix}.{name}={value!r} must be <= {high}")
 
 
 def _choice(section, name, prefix, choices):
   if section.get(name) not in choices:
-    raise GRPOConfigError(f"{prefix}.{name}={section.get(name)!r} is not one of {choices}")
+    raise ConfigError(f"{prefix}.{name}={section.get(name)!r} is not one of {choices}")
 
 
 def _check_canvas(config) -> None:
@@ -124,14 +118,14 @@ def _check_canvas(config) -> None:
     model_config.check_positions(p + n, f"config.prompts.max_prompt_len={p} + "
                                  f"config.sampler.max_new_tokens={n}", "config.model")
   except ValueError as e:
-    raise GRPOConfigError(str(e)) from None
+    raise ConfigError(str(e)) from None
 
 
 def validate(config) -> None:
-  """Checks the grpo sections; raises GRPOConfigError naming the first bad field."""
+  """Checks the grpo sections; raises ConfigError naming the first bad field."""
   for name in ("rl", "optim", "sampler", "prompts", "warm_start", "checkpoint"):
     if name not in config:
-      raise GRPOConfigError(f"config.{name} is missing (mode 'grpo' needs it; see "
+      raise ConfigError(f"config.{name} is missing (mode 'grpo' needs it; see "
                             "dcjax.rl.grpo_config.add_grpo_sections)")
   r, o, s, p = config.rl, config.optim, config.sampler, config.prompts
   for name in ("steps", "num_prompts", "num_generations", "num_iterations", "micro_batches",
@@ -141,30 +135,30 @@ def validate(config) -> None:
   _int(r, "reward_workers", "config.rl", 0)
   _int(r, "log_completions", "config.rl", 0)
   if r.num_generations < 2:
-    raise GRPOConfigError(f"config.rl.num_generations={r.num_generations} must be >= 2 "
+    raise ConfigError(f"config.rl.num_generations={r.num_generations} must be >= 2 "
                           "(advantages compare completions of one prompt)")
   batch = r.num_prompts * r.num_generations
   if batch % r.micro_batches:
-    raise GRPOConfigError(f"config.rl.micro_batches={r.micro_batches} must divide the rollout "
+    raise ConfigError(f"config.rl.micro_batches={r.micro_batches} must divide the rollout "
                           f"batch config.rl.num_prompts * config.rl.num_generations = {batch}")
   _number(r, "epsilon_low", "config.rl", 0, 1)
   _number(r, "epsilon_high", "config.rl", 0)
   _number(r, "beta", "config.rl", 0)
-  _choice(r, "advantage", "config.rl", ADVANTAGES)
-  _choice(r, "estimator", "config.rl", ESTIMATORS)
-  _choice(r, "ref_update", "config.rl", REF_UPDATES)
+  _choice(r, "advantage", "config.rl", advantages.BASELINES)
+  _choice(r, "estimator", "config.rl", logprobs.ESTIMATORS)
+  _choice(r, "ref_update", "config.rl", learner.REF_UPDATES)
   _number(r, "ref_mix_alpha", "config.rl", 0, 1)
   _number(r, "t_min", "config.rl", 0, 1, low_open=True)
   _number(r, "t_max", "config.rl", 0, 1)
   if not r.t_min <= r.t_max < 1:
-    raise GRPOConfigError(f"config.rl.t_min={r.t_min} and config.rl.t_max={r.t_max} must "
+    raise ConfigError(f"config.rl.t_min={r.t_min} and config.rl.t_max={r.t_max} must "
                           "satisfy 0 < t_min <= t_max < 1 (the weights are 1/t and 1/(1-t))")
   _number(r, "reward_timeout_s", "config.rl", 0, low_open=True)
   if not r.reward_weights:
-    raise GRPOConfigError("config.rl.reward_weights is empty: name at least one reward")
+    raise ConfigError("config.rl.reward_weights is empty: name at least one reward")
   for name, weight in r.reward_weights.items():
     if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-      raise GRPOConfigError(f"config.rl.reward_weights.{name}={weight!r} must be a number")
+      raise ConfigError(f"config.rl.reward_weights.{name}={weight!r} must be a number")
 
   _number(o, "lr", "config.optim", 0, low_open=True)
   for name in ("b1", "b2"):
@@ -175,52 +169,30 @@ def validate(config) -> None:
   _number(o, "end_lr_ratio", "config.optim", 0, 1)
   _number(o, "grad_clip", "config.optim", 0)
 
-  _int(s, "max_new_tokens", "config.sampler")
-  _int(s, "steps", "config.sampler")
-  _choice(s, "alg", "config.sampler", SAMPLER_ALGS)
-  _number(s, "temperature", "config.sampler", 0)
-  _number(s, "top_p", "config.sampler", 0, 1, low_open=True)
-  _int(s, "top_k", "config.sampler", 0)
-  _number(s, "alg_temp", "config.sampler", 0)
-  _int(s, "block_length", "config.sampler", 0)
-  _number(s, "threshold", "config.sampler", 0, 1)
-  _choice(s, "cache", "config.sampler", ("", "prefix", "dual"))
-  if s.block_length and s.max_new_tokens % s.block_length:
-    raise GRPOConfigError(f"config.sampler.block_length={s.block_length} must divide "
-                          f"config.sampler.max_new_tokens={s.max_new_tokens}")
+  validate_sampler(s)
 
   _choice(p, "source", "config.prompts", PROMPT_SOURCES)
   if p.source in ("jsonl", "mbpp") and not p.path:
-    raise GRPOConfigError(f"config.prompts.path is empty but config.prompts.source="
+    raise ConfigError(f"config.prompts.path is empty but config.prompts.source="
                           f"{p.source!r} reads a JSONL file")
   _int(p, "max_prompt_len", "config.prompts")
   if not config.get("hf_dir") and "model" in config:  # hf_dir: the sampler checks each canvas
     _check_canvas(config)
   _int(p, "pad_multiple", "config.prompts")
   if not config.rl.logp_attention_mask and p.pad_multiple != 1:
-    raise GRPOConfigError(
+    raise ConfigError(
         f"config.rl.logp_attention_mask=False scores with padding visible, so "
         f"config.prompts.pad_multiple={p.pad_multiple} would change every log-prob; the "
         f"release's scoring needs config.prompts.pad_multiple=1 (pad to the batch's longest)")
   _int(p, "synthetic_tasks", "config.prompts")
   _int(p, "tokenizer_vocab_size", "config.prompts", 0)
   if not p.tokenizer and not config.get("hf_dir") and not p.tokenizer_vocab_size:
-    raise GRPOConfigError("config.prompts.tokenizer is empty, config.hf_dir is unset and "
+    raise ConfigError("config.prompts.tokenizer is empty, config.hf_dir is unset and "
                           "config.prompts.tokenizer_vocab_size=0 (do not train one): set "
                           "config.hf_dir (or config.prompts.tokenizer)")
   _int(config.warm_start, "steps", "config.warm_start", 0)
   _int(config.warm_start, "batch_size", "config.warm_start")
   _int(config.checkpoint, "interval", "config.checkpoint")
   _int(config.checkpoint, "keep", "config.checkpoint", 0)
-  checkpoint.validate_section(config.checkpoint, error=GRPOConfigError)
+  checkpoint.validate_section(config.checkpoint, error=ConfigError)
 
-
-def sampler_kwargs(sampler_config) -> dict:
-  """`generate` keyword arguments from config.sampler (sentinels mapped to None)."""
-  s = sampler_config
-  return dict(
-      max_new_tokens=int(s.max_new_tokens), steps=int(s.steps), alg=str(s.alg),
-      temperature=float(s.temperature), top_p=float(s.top_p) if s.top_p < 1 else None,
-      top_k=int(s.top_k) or None, alg_temp=float(s.alg_temp) or None, eps=float(s.eps),
-      block_length=int(s.block_length) or None, threshold=float(s.threshold) or None,
-      cache=str(s.cache) or None, cache_refresh_every=int(s.cache_refresh_every))

@@ -19,6 +19,7 @@ from dcjax import config as config_lib
 from dcjax import workdir as workdir_lib
 from dcjax.data import tokenizer as tokenizer_lib
 from dcjax.data import tokenizer_cache
+from dcjax.diffusion import sampler_config
 from dcjax.model import inspect as model_inspect
 from dcjax.parallel import mesh as mesh_lib
 from dcjax.rl import grpo_config, iteration, learner as learner_lib, logprobs, prompts
@@ -54,7 +55,7 @@ def iteration_config(config, end_id: int) -> iteration.IterationConfig:
       group_size=int(r.num_generations), num_iterations=int(r.num_iterations),
       advantage=r.advantage, scale_rewards=bool(r.scale_rewards),
       ref_update_every=int(r.ref_update_every),
-      sampler_kwargs=grpo_config.sampler_kwargs(config.sampler), end_id=int(end_id))
+      sampler_kwargs=sampler_config.sampler_kwargs(config.sampler), end_id=int(end_id))
 
 
 def make_optimizer(config):

@@ -77,7 +77,7 @@ def rollout(model_config, params, prompt_ids_BxP, prompt_mask_BxP, *, group_size
   """G completions per host-local prompt row; returns global device arrays.
 
   `sampler_kwargs` are `generate`'s keyword arguments (max_new_tokens, steps, alg,
-  temperature, top_p, ...; see `grpo_config.sampler_kwargs`).
+  temperature, top_p, ...; see `sampler_config.sampler_kwargs`).
   """
   ids, mask = repeat_prompts(prompt_ids_BxP, prompt_mask_BxP, group_size)
   ids_g, mask_g = to_global(ids, mesh), to_global(mask, mesh)

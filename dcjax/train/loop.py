@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from dcjax import config as config_lib
 from dcjax import workdir as workdir_lib
 from dcjax.data import pipeline, sources, tokenizer_cache
 from dcjax.model import inspect as model_inspect
@@ -27,7 +28,7 @@ from dcjax.train import reporting
 from dcjax.train import state as state_lib
 from dcjax.train import step as step_lib
 from dcjax.train.reporting import NonFiniteLossError, log
-from dcjax.train.train_config import TrainConfigError, check_seq_len, loss_config
+from dcjax.train.train_config import check_seq_len, loss_config
 from dcjax.train.train_config import validate  # noqa: F401 (the mode's validation hook)
 
 RUNTIME_MODEL_FIELDS = ("dtype", "remat_policy", "attention_impl")
@@ -52,7 +53,6 @@ def _model(config, mesh, restoring: bool, tok):
       overrides = {k: config.model[k] for k in RUNTIME_MODEL_FIELDS if k in config.model}
       model_config = dataclasses.replace(model_config, **overrides)
   elif restoring:
-    from dcjax import config as config_lib  # pylint: disable=import-outside-toplevel
     model_config, params = config_lib.model_config(config), None
   else:
     model_config, params = model_inspect.load_or_init(config, mesh)
@@ -265,7 +265,7 @@ def run(config, workdir: "str | workdir_lib.Workdir") -> None:
   try:
     result = train(config, workdir)
   except (NonFiniteLossError, ckpt_lib.CheckpointError, sources.DataError,
-          TrainConfigError) as e:
+          config_lib.ConfigError) as e:
     raise SystemExit(f"error: {e}") from None
   log(f"training {result['stopped']} at step {result['steps_done']} in "
       f"{time.perf_counter() - start:.0f}s; checkpoints in {result['checkpoint_dir']}")

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import ml_collections
 
+from dcjax.config import ConfigError
 from dcjax.data.sources import SOURCES
 from dcjax.diffusion import forward_process as fp
 from dcjax.diffusion import losses
 from dcjax.model.config import ModelConfig
 from dcjax.train import checkpoint
-
-
-class TrainConfigError(ValueError):
-  """A train/data/checkpoint field is bad; the message names it."""
 
 
 def add_train_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -58,23 +55,23 @@ def loss_config(config) -> losses.LossConfig:
 def _positive_int(section, name, prefix, minimum=1):
   value = section.get(name)
   if not isinstance(value, int) or value < minimum:
-    raise TrainConfigError(f"{prefix}.{name}={value!r} must be an integer >= {minimum}")
+    raise ConfigError(f"{prefix}.{name}={value!r} must be an integer >= {minimum}")
 
 
 def check_seq_len(config, model_config: ModelConfig, where: str) -> None:
-  """TrainConfigError when config.data.seq_len exceeds the model's max_position_embeddings."""
+  """ConfigError when config.data.seq_len exceeds the model's max_position_embeddings."""
   seq_len = config.data.seq_len
   try:
     model_config.check_positions(seq_len, "config.data.seq_len", where)
   except ValueError as e:
-    raise TrainConfigError(str(e)) from None
+    raise ConfigError(str(e)) from None
 
 
 def validate(config) -> None:
-  """Checks the mode's sections; raises TrainConfigError naming the first bad field."""
+  """Checks the mode's sections; raises ConfigError naming the first bad field."""
   for name in ("train", "data", "checkpoint"):
     if name not in config:
-      raise TrainConfigError(f"config.{name} is missing (mode 'train' needs train, data and "
+      raise ConfigError(f"config.{name} is missing (mode 'train' needs train, data and "
                              "checkpoint sections; see dcjax.train.train_config)")
   t, d, k = config.train, config.data, config.checkpoint
   for name in ("steps", "batch_size", "micro_batches", "log_every", "eval_every"):
@@ -82,26 +79,26 @@ def validate(config) -> None:
   _positive_int(t, "warmup_steps", "config.train", 0)
   _positive_int(t, "eval_batches", "config.train", 0)
   if t.batch_size % t.micro_batches:
-    raise TrainConfigError(f"config.train.micro_batches={t.micro_batches} must divide "
+    raise ConfigError(f"config.train.micro_batches={t.micro_batches} must divide "
                            f"config.train.batch_size={t.batch_size}")
   if not t.lr > 0:
-    raise TrainConfigError(f"config.train.lr={t.lr} must be positive")
+    raise ConfigError(f"config.train.lr={t.lr} must be positive")
   if not 0 <= t.end_lr_ratio <= 1:
-    raise TrainConfigError(f"config.train.end_lr_ratio={t.end_lr_ratio} must lie in [0, 1]")
+    raise ConfigError(f"config.train.end_lr_ratio={t.end_lr_ratio} must lie in [0, 1]")
   try:
     loss_config(config).validate("config.train.loss")
   except ValueError as e:
-    raise TrainConfigError(str(e)) from None
+    raise ConfigError(str(e)) from None
   if d.kind not in ("pretrain", "sft"):
-    raise TrainConfigError(f"config.data.kind={d.kind!r} must be 'pretrain' or 'sft'")
+    raise ConfigError(f"config.data.kind={d.kind!r} must be 'pretrain' or 'sft'")
   if d.source not in SOURCES:
-    raise TrainConfigError(f"config.data.source={d.source!r} is not one of {SOURCES}")
+    raise ConfigError(f"config.data.source={d.source!r} is not one of {SOURCES}")
   if d.source in ("jsonl", "array_record") and not d.paths:
-    raise TrainConfigError(f"config.data.paths is empty but config.data.source={d.source!r}")
+    raise ConfigError(f"config.data.paths is empty but config.data.source={d.source!r}")
   _positive_int(d, "seq_len", "config.data", 2)
   _positive_int(d, "eval_docs", "config.data", 0)
   if t.eval_batches and not d.eval_docs:
-    raise TrainConfigError(f"config.train.eval_batches={t.eval_batches} but config.data."
+    raise ConfigError(f"config.train.eval_batches={t.eval_batches} but config.data."
                            "eval_docs=0: no held-out records to evaluate on (set eval_docs > 0, "
                            "or eval_batches=0 for no held-out evaluation)")
   if not config.get("hf_dir") and "model" in config:  # hf_dir: checked after config.json is read
@@ -112,7 +109,7 @@ def validate(config) -> None:
     if model_config is not None:
       check_seq_len(config, model_config, "config.model")
   if d.kind == "sft" and d.sft_pad not in ("pad", "dlm_pad"):
-    raise TrainConfigError(f"config.data.sft_pad={d.sft_pad!r} must be 'pad' or 'dlm_pad'")
+    raise ConfigError(f"config.data.sft_pad={d.sft_pad!r} must be 'pad' or 'dlm_pad'")
   _positive_int(k, "interval", "config.checkpoint")
   _positive_int(k, "keep", "config.checkpoint", 0)
-  checkpoint.validate_section(k, error=TrainConfigError)
+  checkpoint.validate_section(k, error=ConfigError)
