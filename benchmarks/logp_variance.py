@@ -38,7 +38,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dcjax.model import ModelConfig  # noqa: E402
-from dcjax.parallel import sharding  # noqa: E402
+from dcjax import model as model_lib  # noqa: E402
 from dcjax.rl import iteration, learner as learner_lib, logprobs, synthetic  # noqa: E402
 from dcjax.rl import warm_start as warm_lib  # noqa: E402
 from dcjax.rl.loss import PolicyLossConfig  # noqa: E402
@@ -62,7 +62,7 @@ def tiny_setup(num_tasks: int, sft_steps: int, workdir: str):
   cfg = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=192, num_layers=2,
                     num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10_000.0,
                     mask_token_id=tok.mask_id, pad_token_id=tok.pad_id, eos_token_id=tok.eos_id)
-  params = sharding.init_params(cfg, jax.random.key(0))
+  params = model_lib.init_params(cfg, jax.random.key(0))
   params = warm_lib.warm_start(cfg, params, tasks, tok, steps=sft_steps, batch_size=32, lr=3e-3,
                                max_prompt_len=64, num_new=NUM_NEW, system_prompt=None, seed=0,
                                log=lambda m: print(m, file=sys.stderr), log_every=50)

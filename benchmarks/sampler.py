@@ -28,8 +28,7 @@ import numpy as np
 
 from dcjax.diffusion.sampler import generate
 from dcjax.diffusion.schedule import dream_reveal_counts
-from dcjax.model import ModelConfig, apply
-from dcjax.parallel.sharding import init_params
+from dcjax.model import ModelConfig, apply, init_params
 
 PRESETS = {
     "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=192, num_layers=2,

@@ -31,7 +31,7 @@ from dcjax.data import pipeline  # noqa: E402
 from dcjax.diffusion import losses  # noqa: E402
 from dcjax.model.config import ModelConfig  # noqa: E402
 from dcjax.parallel import mesh as mesh_lib  # noqa: E402
-from dcjax.parallel import sharding as sharding_lib  # noqa: E402
+from dcjax import model as model_lib  # noqa: E402
 from dcjax.train import metrics, optim  # noqa: E402
 from dcjax.train import state as state_lib  # noqa: E402
 from dcjax.train import step as step_lib  # noqa: E402
@@ -76,9 +76,9 @@ def dcjax_runner(mc: ModelConfig, batch: int, seq_len: int):
   cfg = add_train_sections(base_config())
   tx, schedule = optim.make_optimizer(cfg.train)
   mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-  params = sharding_lib.init_params(mc, jax.random.key(0), mesh)
+  params = model_lib.init_params(mc, jax.random.key(0), mesh)
   abstract = state_lib.abstract_state(jax.eval_shape(lambda: params), tx)
-  shardings = state_lib.state_shardings(abstract, sharding_lib.param_shardings(mc, mesh), tx,
+  shardings = state_lib.state_shardings(abstract, model_lib.param_shardings(mc, mesh), tx,
                                         mesh)
   holder = {"state": state_lib.init_state(params, tx, 0, shardings)}
   fn = step_lib.jit_train_step(

@@ -13,7 +13,7 @@ import pytest
 
 from dcjax.config import base_config, model_config
 from dcjax.parallel import mesh as mesh_lib
-from dcjax.parallel import sharding as sharding_lib
+from dcjax import model as model_lib
 from dcjax.train import checkpoint as ckpt_lib
 from dcjax.train import loop, optim, reporting
 from dcjax.train import state as state_lib
@@ -76,8 +76,8 @@ def _abstract(config, mesh):
   mc = model_config(config)
   tx, _ = optim.make_optimizer(config.train)
   import flax.linen as nn
-  abstract = state_lib.abstract_state(nn.meta.unbox(sharding_lib.abstract_params(mc)), tx)
-  shardings = state_lib.state_shardings(abstract, sharding_lib.param_shardings(mc, mesh), tx, mesh)
+  abstract = state_lib.abstract_state(nn.meta.unbox(model_lib.abstract_params(mc)), tx)
+  shardings = state_lib.state_shardings(abstract, model_lib.param_shardings(mc, mesh), tx, mesh)
   return mc, state_lib.with_shardings(abstract, shardings)
 
 

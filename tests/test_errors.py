@@ -159,14 +159,14 @@ def test_seq_len_beyond_positions_fails_validation():
 def test_seq_len_beyond_a_checkpoints_positions_names_its_config_json(tmp_path):
   from dcjax.data import tokenizer as tokenizer_lib
   from dcjax.model import hf
-  from dcjax.parallel import sharding
+  from dcjax import model as model_lib
 
   tok_path = str(tmp_path / "sp.model")
   texts = [sources.StdlibSource(JSON_DIR)[i]["text"] for i in range(4)]
   tokenizer_lib.train_sentencepiece(texts, 512, tok_path)
   model = ModelConfig(vocab_size=512, hidden_size=16, intermediate_size=32, num_layers=1,
                       num_heads=2, num_kv_heads=1, head_dim=8, max_position_embeddings=64)
-  hf.save_pretrained(model, sharding.init_params(model, jax.random.key(0)), str(tmp_path / "hf"))
+  hf.save_pretrained(model, model_lib.init_params(model, jax.random.key(0)), str(tmp_path / "hf"))
   config = tiny.get_config()
   config.hf_dir = str(tmp_path / "hf")
   config.train.update(dict(eval_batches=0, sample_new_tokens=0))

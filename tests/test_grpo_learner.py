@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dcjax.model import ModelConfig
-from dcjax.parallel import sharding
+from dcjax import model as model_lib
 from dcjax.parallel.mesh import make_mesh
 from dcjax.rl import iteration, learner as learner_lib, logprobs
 from dcjax.rl.loss import PolicyLossConfig
@@ -39,7 +39,7 @@ def random_batch(b=8, p=5, n=6, seed=0):
 
 
 def test_sharded_update_equals_unsharded():
-  params = sharding.init_params(CFG, jax.random.key(0))
+  params = model_lib.init_params(CFG, jax.random.key(0))
   batch = random_batch()
   key = jax.random.key(11)
 
@@ -50,7 +50,7 @@ def test_sharded_update_equals_unsharded():
 
   mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   sharded = make_learner(mesh)
-  sh_params = jax.device_put(params, sharding.param_shardings(CFG, mesh))
+  sh_params = jax.device_put(params, model_lib.param_shardings(CFG, mesh))
   s_state = sharded.init_state(sh_params, seed=0)
   s_state, m_sh = sharded.update(s_state, batch, key)
   assert s_state.params["embed_tokens"]["embedding"].sharding.spec != jax.sharding.PartitionSpec()
@@ -80,7 +80,7 @@ def test_rl_raises_target_token_reward():
     return RewardResult(total=frac, per_name={"target": frac})
 
   lrn = make_learner(lr=3e-3, beta=0.01, micro_batches=2)
-  state = lrn.init_state(sharding.init_params(CFG, jax.random.key(2)), seed=0)
+  state = lrn.init_state(model_lib.init_params(CFG, jax.random.key(2)), seed=0)
   cfg = iteration.IterationConfig(
       group_size=g, num_iterations=2, ref_update_every=10, end_id=-1,
       sampler_kwargs=dict(max_new_tokens=n, steps=n, alg="entropy", temperature=1.2,

@@ -11,7 +11,6 @@ from transformers import Qwen2ForCausalLM
 from dcjax import model as model_lib
 from dcjax.model import hf
 from dcjax.parallel import mesh as mesh_lib
-from dcjax.parallel import sharding
 from tests.hf_reference import bidirectional_logits, random_qwen2
 
 TOL = 1e-4
@@ -65,7 +64,7 @@ def test_dcjax_save_loads_in_transformers(tmp_path):
                                  num_layers=3, num_heads=6, num_kv_heads=2, head_dim=8,
                                  rope_theta=5e4, initializer_range=0.2, mask_token_id=79,
                                  pad_token_id=0, eos_token_id=0)
-  params = sharding.init_params(config, jax.random.key(3))
+  params = model_lib.init_params(config, jax.random.key(3))
   params["layers"]["self_attn"]["q_proj"]["bias"] += 0.3  # nonzero biases exercise the bias path
   params["layers"]["self_attn"]["k_proj"]["bias"] -= 0.2
   hf.save_pretrained(config, params, str(tmp_path))
@@ -90,7 +89,7 @@ def test_sharded_checkpoint_loads_into_mesh(tmp_path, reference):
   assert len(files) > 2 and all((tmp_path / f).exists() for f in files)
   mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   config2, sharded = hf.load_pretrained(str(tmp_path), mesh=mesh)
-  expected = sharding.param_shardings(config2, mesh)
+  expected = model_lib.param_shardings(config2, mesh)
   for got, want, ref in zip(jax.tree.leaves(sharded), jax.tree.leaves(expected),
                             jax.tree.leaves(params)):
     assert got.sharding.is_equivalent_to(want, got.ndim)

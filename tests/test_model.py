@@ -9,7 +9,6 @@ from dcjax import config as config_lib
 from dcjax import model as model_lib
 from dcjax.model.transformer import mask_and_positions
 from dcjax.parallel import mesh as mesh_lib
-from dcjax.parallel import sharding
 from configs import diffucoder_7b
 
 TINY = model_lib.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
@@ -29,7 +28,7 @@ def test_padding_positions_and_mask_follow_dream():
 
 
 def test_fully_padded_rows_are_finite():
-  params = sharding.init_params(TINY, jax.random.key(0))
+  params = model_lib.init_params(TINY, jax.random.key(0))
   tokens = jax.random.randint(jax.random.key(1), (2, 6), 0, 64)
   keep = np.array([[0, 0, 0, 0, 0, 0], [0, 0, 1, 1, 1, 1]])
   logits = model_lib.apply(TINY, params, tokens, attention_mask=keep)
@@ -37,13 +36,13 @@ def test_fully_padded_rows_are_finite():
 
 
 def test_sharded_forward_equals_single_device():
-  params = sharding.init_params(TINY, jax.random.key(0))
+  params = model_lib.init_params(TINY, jax.random.key(0))
   tokens = jax.random.randint(jax.random.key(1), (4, 16), 0, 64)
   keep = np.ones((4, 16), bool)
   keep[1, :3] = False
   single = np.asarray(model_lib.apply(TINY, params, tokens, attention_mask=keep))
   mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  sharded_params = sharding.init_params(TINY, jax.random.key(0), mesh)
+  sharded_params = model_lib.init_params(TINY, jax.random.key(0), mesh)
   assert sharded_params["layers"]["mlp"]["up_proj"]["kernel"].sharding.spec == jax.P(
       None, "fsdp", "tensor")
   with jax.set_mesh(mesh):
@@ -55,7 +54,7 @@ def test_sharded_forward_equals_single_device():
 @pytest.mark.parametrize("policy", ["full", "dots_no_batch"])
 def test_remat_keeps_values_and_gradients(policy):
   import dataclasses
-  params = sharding.init_params(TINY, jax.random.key(0))
+  params = model_lib.init_params(TINY, jax.random.key(0))
   tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 64)
 
   def loss(p, c):
@@ -69,7 +68,7 @@ def test_remat_keeps_values_and_gradients(policy):
 
 def test_bfloat16_compute_stays_close_to_float32():
   import dataclasses
-  params = sharding.init_params(TINY, jax.random.key(0))
+  params = model_lib.init_params(TINY, jax.random.key(0))
   tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 64)
   f32 = np.asarray(model_lib.apply(TINY, params, tokens))
   bf16 = model_lib.apply(dataclasses.replace(TINY, dtype="bfloat16"), params, tokens)
@@ -79,14 +78,14 @@ def test_bfloat16_compute_stays_close_to_float32():
 
 def test_diffucoder_7b_size_and_shardings():
   config = config_lib.model_config(diffucoder_7b.get_config())
-  abstract = jax.tree.map(lambda b: b.unbox(), sharding.abstract_params(config),
+  abstract = jax.tree.map(lambda b: b.unbox(), model_lib.abstract_params(config),
                           is_leaf=lambda b: hasattr(b, "unbox"))
   count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
   # Qwen2.5-7B's published size: 7.61B parameters (untied embeddings, 152064 rows).
   assert count == 7_615_616_512
   assert count == config.num_params()
   mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
-  shardings = sharding.param_shardings(config, mesh)
+  shardings = model_lib.param_shardings(config, mesh)
   leaves = jax.tree_util.tree_leaves_with_path(shardings)
   assert len(leaves) == len(jax.tree.leaves(abstract)) == 15
   for path, s in leaves:
@@ -108,7 +107,7 @@ def test_model_config_validation_names_the_field():
 
 def test_dot_product_attention_impl_matches_xla():
   import dataclasses
-  params = sharding.init_params(TINY, jax.random.key(0))
+  params = model_lib.init_params(TINY, jax.random.key(0))
   tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 64)
   keep = np.array([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8])
   xla = np.asarray(model_lib.apply(TINY, params, tokens, attention_mask=keep))

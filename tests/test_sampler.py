@@ -13,9 +13,9 @@ import torch
 from dcjax.diffusion import schedule
 from dcjax.diffusion.sampler import generate
 from dcjax import model as model_lib
-from dcjax.model import ModelConfig, apply, keep_positions, pair_mask
+from dcjax.model import (ModelConfig, abstract_params, apply, keep_positions, pair_mask,
+                         param_shardings)
 from dcjax.parallel.mesh import make_mesh
-from dcjax.parallel.sharding import abstract_params, param_shardings
 
 MASK, PAD = 95, 0
 CONFIG = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2,

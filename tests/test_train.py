@@ -14,7 +14,7 @@ from dcjax.diffusion import forward_process as fp
 from dcjax.diffusion import losses
 from dcjax.model.config import ModelConfig
 from dcjax.parallel import mesh as mesh_lib
-from dcjax.parallel import sharding as sharding_lib
+from dcjax import model as model_lib
 from dcjax.train import loop, optim
 from dcjax.train import state as state_lib
 from dcjax.train import step as step_lib
@@ -43,7 +43,7 @@ def _batch(b=8, l=16, seed=0):
 @functools.lru_cache(maxsize=None)
 def _host_params():
   """One random init shared by every mesh (placed into each mesh's shardings)."""
-  return jax.device_get(sharding_lib.init_params(MODEL, jax.random.key(0)))
+  return jax.device_get(model_lib.init_params(MODEL, jax.random.key(0)))
 
 
 MESHES = {"one": ({"data": 1, "fsdp": 1, "tensor": 1}, 1),
@@ -59,7 +59,7 @@ def _run_steps(mesh_name, micro_batches=1, steps=2, loss_cfg=LOSS):
   params = _host_params()
   abstract = state_lib.abstract_state(jax.eval_shape(lambda: params), tx)
   shardings = state_lib.state_shardings(
-      abstract, sharding_lib.param_shardings(MODEL, mesh), tx, mesh)
+      abstract, model_lib.param_shardings(MODEL, mesh), tx, mesh)
   state = state_lib.init_state(jax.device_put(params, shardings.params), tx, 0, shardings)
   fn = step_lib.jit_train_step(
       step_lib.make_train_step(MODEL, loss_cfg, tx, schedule, micro_batches=micro_batches),
@@ -133,7 +133,7 @@ def test_initialises_from_a_hugging_face_checkpoint(tmp_path):
   tokenizer_lib.train_sentencepiece(texts, 512, tok_path)
   model = ModelConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=1,
                       num_heads=2, num_kv_heads=1, head_dim=16, rope_theta=10_000.0)  # no mask id
-  params = sharding_lib.init_params(model, jax.random.key(7))
+  params = model_lib.init_params(model, jax.random.key(7))
   hf.save_pretrained(model, params, str(tmp_path / "hf"))
 
   c = add_train_sections(base_config())

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from dcjax import config as config_lib
+from dcjax import model as model_lib
 from dcjax import workdir as workdir_lib
 from dcjax.diffusion import decode, visualize
 from dcjax.diffusion.sampler import generate
@@ -52,7 +53,7 @@ def load_model_and_tokenizer(config, mesh):
     if model_config.vocab_size < tokenizer.vocab_size:
       raise ConfigError(f"config.model.vocab_size={model_config.vocab_size} is smaller than the "
                         f"byte tokenizer's {tokenizer.vocab_size}")
-    params = sharding.init_params(model_config, jax.random.key(config.seed), mesh)
+    params = model_lib.init_params(model_config, jax.random.key(config.seed), mesh)
   if model_config.mask_token_id != tokenizer.mask_id:
     model_config = dataclasses.replace(model_config, mask_token_id=tokenizer.mask_id)
   return model_config, params, tokenizer

@@ -10,6 +10,7 @@ import jax
 
 from dcjax.model.config import ModelConfig
 from dcjax.model.attention import KVCache
+from dcjax.model.params import abstract_params, init_params, logical_specs, param_shardings
 from dcjax.model.transformer import Transformer, keep_positions, mask_and_positions, pair_mask
 from dcjax.parallel.rules import LOGICAL_AXIS_RULES
 
@@ -57,5 +58,6 @@ def forward(config: ModelConfig, params, tokens_BxW, positions_BxW, mask_BxWxS, 
         logits_start, logits_length)
 
 
-__all__ = ["KVCache", "ModelConfig", "Transformer", "apply", "as_model_config", "forward",
-           "keep_positions", "pair_mask"]
+__all__ = ["KVCache", "ModelConfig", "Transformer", "abstract_params", "apply",
+           "as_model_config", "forward", "init_params", "keep_positions", "logical_specs",
+           "pair_mask", "param_shardings"]

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dcjax.model.config import ModelConfig
+from dcjax.model.params import abstract_params, param_shardings
 # config.json handling lives in hf_config; its names are re-exported here for callers.
 from dcjax.model.hf_config import (CONFIG_FILE, SUPPORTED_MODEL_TYPES, CheckpointError,
                                    hf_config_dict, read_config, tied_embeddings)
@@ -140,7 +141,6 @@ class _Tensors:
 
 def _check_tensors(tensors: _Tensors, c: ModelConfig, path: str) -> None:
   """Every expected tensor present with the expected shape, nothing unexpected."""
-  from dcjax.parallel.sharding import abstract_params  # pylint: disable=import-outside-toplevel
   shapes = jax.tree.map(lambda x: x.shape, jax.tree.map(lambda b: b.unbox(), abstract_params(c),
                                                         is_leaf=lambda b: hasattr(b, "unbox")))
   expected = set()
@@ -214,7 +214,6 @@ def load_pretrained(path: str, dtype: str = "float32", mesh=None, *,
     _check_tensors(tensors, config, path)
     shardings = None
     if mesh is not None:
-      from dcjax.parallel.sharding import param_shardings  # pylint: disable=import-outside-toplevel
       shardings = param_shardings(config, mesh)
     np_dtype = jnp.dtype(dtype)
     params: dict = {}

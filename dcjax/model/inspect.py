@@ -11,7 +11,7 @@ import numpy as np
 from dcjax import config as config_lib
 from dcjax import model as model_lib
 from dcjax.parallel import mesh as mesh_lib
-from dcjax.parallel import sharding
+
 
 
 def load_or_init(config, mesh):
@@ -21,7 +21,7 @@ def load_or_init(config, mesh):
     return hf.load_pretrained(config.hf_dir, dtype=config.model.get("param_dtype", "float32"),
                               mesh=mesh)
   model_config = config_lib.model_config(config)
-  return model_config, sharding.init_params(model_config, jax.random.key(config.seed), mesh)
+  return model_config, model_lib.init_params(model_config, jax.random.key(config.seed), mesh)
 
 
 def describe(params) -> str:

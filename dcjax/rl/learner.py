@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dcjax.parallel import sharding as sharding_lib
+from dcjax import model as model_lib
 from dcjax.rl import logprobs
 from dcjax.rl import loss as loss_lib
 from dcjax.train.optim import decay_mask
@@ -119,7 +119,7 @@ class Learner:
 
   def abstract_state(self) -> RLState:
     """ShapeDtypeStructs of the state (with their shardings under a mesh)."""
-    abstract_params = nn.meta.unbox(sharding_lib.abstract_params(self.model_config))
+    abstract_params = nn.meta.unbox(model_lib.abstract_params(self.model_config))
     abstract = jax.eval_shape(lambda p: self.create(p, 0), abstract_params)
     if self.mesh is None:
       return abstract
@@ -131,8 +131,8 @@ class Learner:
     if self._shardings is None:
       if self.mesh is None:
         raise ValueError("state_shardings needs a mesh")
-      params = sharding_lib.param_shardings(self.model_config, self.mesh)
-      abstract_params = nn.meta.unbox(sharding_lib.abstract_params(self.model_config))
+      params = model_lib.param_shardings(self.model_config, self.mesh)
+      abstract_params = nn.meta.unbox(model_lib.abstract_params(self.model_config))
       opt_abstract = jax.eval_shape(self.tx.init, abstract_params)
       opt = optax.tree_map_params(self.tx, lambda _, s: s, opt_abstract, params,
                                   transform_non_params=lambda _: self._replicated)

@@ -21,7 +21,7 @@ from dcjax import workdir as workdir_lib
 from dcjax.data import pipeline, sources, tokenizer_cache
 from dcjax.model import inspect as model_inspect
 from dcjax.parallel import mesh as mesh_lib
-from dcjax.parallel import sharding as sharding_lib
+from dcjax import model as model_lib
 from dcjax.train import checkpoint as ckpt_lib
 from dcjax.train import completion, metrics as metrics_lib, optim
 from dcjax.train import reporting
@@ -129,9 +129,9 @@ def _train(config, wd: workdir_lib.Workdir, ckpt: ckpt_lib.Checkpointer, hooks) 
   tokenizer_cache.check_against_model(tok, model_config)
   tx, schedule = optim.make_optimizer(t)
   abstract = state_lib.abstract_state(
-      nn.meta.unbox(sharding_lib.abstract_params(model_config)), tx)
+      nn.meta.unbox(model_lib.abstract_params(model_config)), tx)
   shardings = state_lib.state_shardings(
-      abstract, sharding_lib.param_shardings(model_config, mesh), tx, mesh)
+      abstract, model_lib.param_shardings(model_config, mesh), tx, mesh)
   log(f"model: {state_lib.num_params(abstract.params):,} parameters, {model_config}")
 
   shard = pipeline.HostShard.current()
