@@ -37,9 +37,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dcjax.config import base_config  # noqa: E402
 from dcjax.model import ModelConfig  # noqa: E402
 from dcjax import model as model_lib  # noqa: E402
-from dcjax.rl import iteration, learner as learner_lib, logprobs, synthetic  # noqa: E402
+from dcjax.rl import grpo_config, iteration, learner as learner_lib, logprobs, synthetic  # noqa: E402
+from dcjax.train import optim  # noqa: E402
 from dcjax.rl import warm_start as warm_lib  # noqa: E402
 from dcjax.rl.loss import PolicyLossConfig  # noqa: E402
 from dcjax.rl import rewards as rewards_lib  # noqa: E402
@@ -112,7 +114,9 @@ class ReferenceAnswerReward(TextReward):
 
 
 def rl_step_split(cfg, params, tok, tasks, reward_cls=TextReward) -> dict:
-  tx, schedule = learner_lib.make_optimizer(3e-4, 100, grad_clip=1.0)
+  section = grpo_config.add_grpo_sections(base_config()).optim
+  section.update(lr=3e-4, grad_clip=1.0)
+  tx, schedule = optim.make_optimizer(section, 100)
   lcfg = learner_lib.LearnerConfig(loss=PolicyLossConfig(0.5, 0.5, 0.01))
   lrn = learner_lib.Learner(cfg, lcfg, tx, schedule, mask_id=tok.mask_id)
   state = lrn.init_state(params, seed=0)

@@ -74,7 +74,7 @@ def timed(runners: dict, steps: int, rounds: int = 2) -> dict:
 def dcjax_runner(mc: ModelConfig, batch: int, seq_len: int):
   """A callable running one full dcjax train step (compiled here)."""
   cfg = add_train_sections(base_config())
-  tx, schedule = optim.make_optimizer(cfg.train)
+  tx, schedule = optim.make_optimizer(cfg.train, cfg.train.steps)
   mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
   params = model_lib.init_params(mc, jax.random.key(0), mesh)
   abstract = state_lib.abstract_state(jax.eval_shape(lambda: params), tx)

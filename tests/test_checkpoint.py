@@ -74,7 +74,7 @@ def test_resume_after_sigterm_is_bit_identical(straight, tmp_path):
 
 def _abstract(config, mesh):
   mc = model_config(config)
-  tx, _ = optim.make_optimizer(config.train)
+  tx, _ = optim.make_optimizer(config.train, config.train.steps)
   import flax.linen as nn
   abstract = state_lib.abstract_state(nn.meta.unbox(model_lib.abstract_params(mc)), tx)
   shardings = state_lib.state_shardings(abstract, model_lib.param_shardings(mc, mesh), tx, mesh)

@@ -12,6 +12,7 @@ from dcjax.rl import advantages as adv_lib
 from dcjax.rl import grpo_config, logprobs, prompts, synthetic
 from dcjax.rl import loss as loss_lib
 from dcjax.rl.rollout import completion_mask
+from dcjax.train import optim
 
 MASK, V, B, P, N = 15, 16, 3, 4, 6
 
@@ -299,14 +300,15 @@ def test_config_validation_names_fields():
 
 
 def test_optimizer_defaults_decay_mask_and_reference_refresh():
-  from dcjax.rl import learner as learner_lib
-  tx, schedule = learner_lib.make_optimizer(1e-6, 100)  # docs/grpo.md: cosine to 10%, no warmup
+  from dcjax.rl import learner as learner_lib  # pylint: disable=import-outside-toplevel
+  defaults = grpo_config.add_grpo_sections(base_config()).optim
+  tx, schedule = optim.make_optimizer(defaults, 100)  # docs/grpo.md: cosine to 10%, no warmup
   np.testing.assert_allclose(float(schedule(0)), 1e-6, rtol=1e-6)
   np.testing.assert_allclose(float(schedule(100)), 1e-7, rtol=1e-5)
   params = {"layers": {"q_proj": {"kernel": jnp.ones((2, 3, 3)), "bias": jnp.ones((2, 3))},
                        "input_layernorm": {"weight": jnp.ones((2, 3))}},
             "embed_tokens": {"embedding": jnp.ones((5, 3))}}
-  mask = learner_lib.decay_mask(params)
+  mask = optim.decay_mask(params)
   assert mask["layers"]["q_proj"] == {"kernel": True, "bias": False}
   assert not mask["layers"]["input_layernorm"]["weight"] and mask["embed_tokens"]["embedding"]
   # Weight decay 0.1 at lr 1e-6 with a zero gradient: only decayed leaves move.

@@ -6,12 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dcjax.config import base_config
 from dcjax.model import ModelConfig
 from dcjax import model as model_lib
 from dcjax.parallel.mesh import make_mesh
-from dcjax.rl import iteration, learner as learner_lib, logprobs
+from dcjax.rl import grpo_config, iteration, learner as learner_lib, logprobs
 from dcjax.rl.loss import PolicyLossConfig
 from dcjax.rl.reward_worker import RewardResult, RewardWorker
+from dcjax.train import optim
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
                   num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=10_000.0,
@@ -20,7 +22,9 @@ MASK = CFG.mask_token_id
 
 
 def make_learner(mesh=None, *, lr=1e-3, beta=0.04, micro_batches=1, kind="coupled"):
-  tx, schedule = learner_lib.make_optimizer(lr, 100, grad_clip=1.0)
+  section = grpo_config.add_grpo_sections(base_config()).optim
+  section.update(lr=lr, grad_clip=1.0)
+  tx, schedule = optim.make_optimizer(section, 100)
   cfg = learner_lib.LearnerConfig(estimator=logprobs.EstimatorConfig(kind),
                                   loss=PolicyLossConfig(0.2, 0.2, beta),
                                   micro_batches=micro_batches)

@@ -55,7 +55,7 @@ def _run_steps(mesh_name, micro_batches=1, steps=2, loss_cfg=LOSS):
   """(params, metrics per step) after `steps` steps on a named mesh (cached across tests)."""
   shape, devices = MESHES[mesh_name]
   mesh = mesh_lib.make_mesh(shape, devices=jax.devices()[:devices])
-  tx, schedule = optim.make_optimizer(TRAIN)
+  tx, schedule = optim.make_optimizer(TRAIN, TRAIN.steps)
   params = _host_params()
   abstract = state_lib.abstract_state(jax.eval_shape(lambda: params), tx)
   shardings = state_lib.state_shardings(

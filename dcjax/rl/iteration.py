@@ -25,6 +25,7 @@ from dcjax.rl import advantages as adv_lib
 from dcjax.rl import rollout as rollout_lib
 from dcjax.rl.learner import Learner, RLState
 from dcjax.rl.reward_worker import RewardFn, RewardResult, RewardWorker
+from dcjax.train.reporting import NonFiniteLossError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,10 +40,6 @@ class IterationConfig:
   sampler_kwargs: dict = dataclasses.field(default_factory=dict)
   end_id: int = -1
   arness_k: int = 1
-
-
-class NonFiniteError(RuntimeError):
-  """The loss or gradient norm became NaN/inf."""
 
 
 def _global(x: np.ndarray) -> np.ndarray:
@@ -101,7 +98,7 @@ def grpo_iteration(learner: Learner, state: RLState, prompt_ids_BxP, prompt_mask
   t_update = time.perf_counter()
 
   if any(bool(m["nonfinite"]) for m in step_metrics):
-    raise NonFiniteError(f"non-finite loss or gradient norm: {step_metrics}")
+    raise NonFiniteLossError(f"non-finite loss or gradient norm: {step_metrics}")
   metrics = _metrics(host, result, adv_B, step_metrics, cfg)
   step_s = t_update - start
   metrics.update(

@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from dcjax import model as model_lib
 from dcjax.rl import logprobs
 from dcjax.rl import loss as loss_lib
-from dcjax.train.optim import decay_mask
+from dcjax.train.accumulate import accumulate, merge_micro, split_micro
 
 BATCH_AXES = ("data", "fsdp")
 REF_UPDATES = ("hard", "soft")
@@ -54,36 +54,6 @@ class LearnerConfig:
   @property
   def uses_reference(self) -> bool:
     return self.loss.beta > 0
-
-
-def make_optimizer(lr: float, total_steps: int, *, b1: float = 0.9, b2: float = 0.99,
-                   adam_eps: float = 1e-8, weight_decay: float = 0.1, warmup_steps: int = 0,
-                   end_lr_ratio: float = 0.1, grad_clip: float = 0.2):
-  """(clip -> AdamW(warmup + cosine to lr * end_lr_ratio), schedule); docs/grpo.md defaults.
-
-  Weight decay applies to kernels and embeddings only: biases and norm weights are exempt,
-  as in the Hugging Face trainer the released code uses. (Chosen by name: the layers are
-  scanned, so a stacked bias or norm weight is 2-D too.)
-  """
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=lr, warmup_steps=warmup_steps,
-      decay_steps=max(total_steps, warmup_steps + 1), end_value=lr * end_lr_ratio)
-  parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
-  parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=adam_eps, weight_decay=weight_decay,
-                           mask=decay_mask))
-  return optax.chain(*parts), schedule
-
-
-def split_micro(x, k: int):
-  """[B, ...] -> [k, B/k, ...]; micro-batch j holds rows j, j+k, ... (spans every shard)."""
-  b = x.shape[0]
-  return jnp.swapaxes(x.reshape((b // k, k) + x.shape[1:]), 0, 1)
-
-
-def merge_micro(x):
-  """Inverse of split_micro."""
-  k, m = x.shape[:2]
-  return jnp.swapaxes(x, 0, 1).reshape((k * m,) + x.shape[2:])
 
 
 class Learner:
@@ -223,22 +193,10 @@ class Learner:
       sums = dict(sums, entropy=jnp.sum(entropy * mask), loss=loss)
       return loss, sums
 
-    grad_fn = jax.grad(loss_fn, has_aux=True)
     k = cfg.micro_batches
-    if k == 1:
-      grads, sums = grad_fn(state.params, batch, noise)
-    else:
-      stacked = jax.tree.map(lambda x: split_micro(x, k), (batch, noise))
-
-      def body(carry, mb):
-        g_acc, s_acc = carry
-        g, s = grad_fn(state.params, mb[0], mb[1])
-        return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s)), None
-
-      zero_sums = dict(tokens=0.0, clipped=0.0, kl=0.0, ratio=0.0, entropy=0.0, loss=0.0)
-      init = (jax.tree.map(jnp.zeros_like, state.params),
-              jax.tree.map(lambda v: jnp.zeros((), jnp.float32), zero_sums))
-      (grads, sums), _ = jax.lax.scan(body, init, stacked)
+    grads, sums = accumulate(jax.grad(lambda p, mb: loss_fn(p, *mb), has_aux=True),
+                             state.params, (batch, noise), k)
+    if k > 1:  # the loss is a token mean per micro-batch: average the k of them
       grads = jax.tree.map(lambda g: g / k, grads)
       sums = dict(sums, loss=sums["loss"] / k)
 

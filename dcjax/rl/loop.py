@@ -29,6 +29,8 @@ from dcjax.rl.loss import PolicyLossConfig
 from dcjax.rl.reward_worker import RewardWorker, TextReward
 from dcjax.train import checkpoint as ckpt_lib
 from dcjax.train import metrics as metrics_lib
+from dcjax.train import optim
+from dcjax.train.reporting import NonFiniteLossError
 
 RUNTIME_MODEL_FIELDS = ("dtype", "remat_policy", "attention_impl")
 
@@ -59,12 +61,9 @@ def iteration_config(config, end_id: int) -> iteration.IterationConfig:
 
 
 def make_optimizer(config):
-  o = config.optim
-  return learner_lib.make_optimizer(
-      float(o.lr), int(config.rl.steps) * int(config.rl.num_iterations), b1=float(o.b1),
-      b2=float(o.b2), adam_eps=float(o.adam_eps), weight_decay=float(o.weight_decay),
-      warmup_steps=int(o.warmup_steps), end_lr_ratio=float(o.end_lr_ratio),
-      grad_clip=float(o.grad_clip))
+  """config.optim's AdamW over rl.steps x num_iterations optimiser steps."""
+  return optim.make_optimizer(config.optim,
+                              int(config.rl.steps) * int(config.rl.num_iterations))
 
 
 def get_tokenizer(config, workdir: "str | workdir_lib.Workdir", tasks):
@@ -247,7 +246,7 @@ def run(config, workdir: "str | workdir_lib.Workdir") -> None:
   start = time.perf_counter()
   try:
     result = train_grpo(config, workdir)
-  except (iteration.NonFiniteError, ckpt_lib.CheckpointError) as e:
+  except (NonFiniteLossError, ckpt_lib.CheckpointError) as e:
     raise SystemExit(f"error: {e}") from None
   hist = result["history"]
   if hist:

@@ -127,7 +127,7 @@ def _train(config, wd: workdir_lib.Workdir, ckpt: ckpt_lib.Checkpointer, hooks) 
   if config.get("hf_dir"):
     check_seq_len(config, model_config, f"{config.hf_dir}/config.json")
   tokenizer_cache.check_against_model(tok, model_config)
-  tx, schedule = optim.make_optimizer(t)
+  tx, schedule = optim.make_optimizer(t, t.steps)
   abstract = state_lib.abstract_state(
       nn.meta.unbox(model_lib.abstract_params(model_config)), tx)
   shardings = state_lib.state_shardings(

@@ -1,4 +1,5 @@
-"""optax AdamW with linear warmup + cosine decay and global-norm clipping, from `config.train`."""
+"""optax AdamW with linear warmup + cosine decay and global-norm clipping: the one optimiser
+of training and coupled-GRPO."""
 
 from __future__ import annotations
 
@@ -6,16 +7,17 @@ import jax
 import optax
 
 
-def make_schedule(train_config) -> optax.Schedule:
-  """0 -> lr over `warmup_steps`, then cosine to `lr * end_lr_ratio` at `steps`."""
-  lr, warmup, steps = float(train_config.lr), int(train_config.warmup_steps), int(train_config.steps)
+def make_schedule(section, total_steps: int) -> optax.Schedule:
+  """0 -> lr over `warmup_steps`, then cosine to `lr * end_lr_ratio` at `total_steps`."""
+  lr, warmup = float(section.lr), int(section.warmup_steps)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=lr, warmup_steps=warmup,
-      decay_steps=max(steps, warmup + 1), end_value=lr * float(train_config.end_lr_ratio))
+      decay_steps=max(int(total_steps), warmup + 1), end_value=lr * float(section.end_lr_ratio))
 
 
 def decay_mask(params):
-  """Weight decay on leaves named `kernel` or `embedding` (not biases or norm weights).
+  """Weight decay on leaves named `kernel` or `embedding` (not biases or norm weights), as
+  in the Hugging Face trainer the released code uses.
 
   Chosen by name: the scanned layers stack biases and norm weights into 2-D arrays.
   """
@@ -25,13 +27,16 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(train_config) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """(clip -> AdamW(schedule), schedule). Gradient accumulation lives in the train step."""
-  schedule = make_schedule(train_config)
+def make_optimizer(section, total_steps: int) -> tuple[optax.GradientTransformation,
+                                                       optax.Schedule]:
+  """(clip -> AdamW(schedule), schedule) from a config section holding lr, b1, b2, adam_eps,
+  weight_decay, warmup_steps, end_lr_ratio and grad_clip (`config.train` for training,
+  `config.optim` for coupled-GRPO). Gradient accumulation lives in the steps."""
+  schedule = make_schedule(section, total_steps)
   parts = []
-  if train_config.grad_clip and train_config.grad_clip > 0:
-    parts.append(optax.clip_by_global_norm(float(train_config.grad_clip)))
-  parts.append(optax.adamw(schedule, b1=float(train_config.b1), b2=float(train_config.b2),
-                           eps=float(train_config.adam_eps),
-                           weight_decay=float(train_config.weight_decay), mask=decay_mask))
+  if section.grad_clip and section.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(float(section.grad_clip)))
+  parts.append(optax.adamw(schedule, b1=float(section.b1), b2=float(section.b2),
+                           eps=float(section.adam_eps),
+                           weight_decay=float(section.weight_decay), mask=decay_mask))
   return optax.chain(*parts), schedule

@@ -19,14 +19,8 @@ import optax
 from dcjax import model as model_lib
 from dcjax.diffusion import forward_process as fp
 from dcjax.diffusion import losses
+from dcjax.train.accumulate import accumulate
 from dcjax.train.state import TrainState
-
-
-def split_micro(x, k: int):
-  """[B, ...] -> [k, B/k, ...]; micro-batch j holds rows j, j+k, ... so every micro-batch
-  spans all batch shards (no device idles)."""
-  b = x.shape[0]
-  return jnp.swapaxes(x.reshape((b // k, k) + x.shape[1:]), 0, 1)
 
 
 def _step_key(state: TrainState):
@@ -58,19 +52,8 @@ def make_train_step(model_config, loss_config: losses.LossConfig,
       sums = losses.loss_sums(logits, micro)
       return sums["loss_sum"] / denominator, sums
 
-    grad_fn = jax.grad(loss_fn, has_aux=True)
-    if micro_batches == 1:
-      grads, sums = grad_fn(state.params, prepared)
-    else:
-      stacked = jax.tree.map(lambda x: split_micro(x, micro_batches), prepared)
-
-      def body(carry, micro):
-        grads_acc, sums_acc = carry
-        grads, sums = grad_fn(state.params, micro)
-        return (jax.tree.map(jnp.add, grads_acc, grads), jax.tree.map(jnp.add, sums_acc, sums)), None
-
-      init = (jax.tree.map(jnp.zeros_like, state.params), losses.zero_sums())
-      (grads, sums), _ = jax.lax.scan(body, init, stacked)
+    grads, sums = accumulate(jax.grad(loss_fn, has_aux=True), state.params, prepared,
+                             micro_batches)
 
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
