@@ -83,6 +83,32 @@ def _packed_row(element: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
               positions=element["tokens_positions"], prompt_mask=np.zeros(tokens.shape, bool))
 
 
+class _JsonSafePacking(grain.IterDataset):
+  """Passes a ConcatThenSplitIterDataset through; its state survives a JSON round trip.
+
+  The packer marks "no leftover piece" with the tuple `(-1, -1)` in `remainder_slices` and
+  tests for it with `!=`. The checkpoint stores the state as JSON, which turns the tuples
+  into lists, so a restored packer would take every empty remainder for a real one and
+  shift the packing. `set_state` turns the lists back into tuples.
+  """
+
+  def __iter__(self):
+    return _JsonSafePackingIterator(self._parent.__iter__())
+
+
+class _JsonSafePackingIterator(grain.DatasetIterator):
+
+  def __next__(self):
+    return next(self._parent)
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    slices = {k: tuple(v) for k, v in state["remainder_slices"].items()}
+    self._parent.set_state(dict(state, remainder_slices=slices))
+
+
 def _records(docs: grain.MapDataset, seed: int, shard: HostShard, repeat: bool):
   ds = docs.shuffle(seed=seed)
   if repeat:
@@ -99,8 +125,8 @@ def pretrain_dataset(docs: grain.MapDataset, tokenizer, *, seq_len: int, batch_s
   `shuffle_window` > 1 shuffles packed rows within consecutive windows of that many rows.
   """
   ds = _records(docs, seed, shard, repeat).map(Tokenize(tokenizer, text_field, add_eos))
-  ds = grain.experimental.ConcatThenSplitIterDataset(
-      ds.to_iter_dataset(), length_struct={"tokens": seq_len})
+  ds = _JsonSafePacking(grain.experimental.ConcatThenSplitIterDataset(
+      ds.to_iter_dataset(), length_struct={"tokens": seq_len}))
   if shuffle_window > 1:
     ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=shuffle_window,
                                                      seed=seed + 1)

@@ -3,13 +3,13 @@
 tasks + tokenizer -> model (init or HF) on the mesh -> optional SFT warm start -> RL state
 (policy, AdamW, reference, rng) or a restored checkpoint -> loop of `grpo_iteration`s with
 metrics to stdout and `<workdir>/metrics.jsonl`, orbax checkpoints of the state and the
-grain prompt iterator in `<workdir>/checkpoints/` (a rerun resumes), SIGTERM handling.
+grain prompt iterator in `<workdir>/checkpoints/` (a rerun resumes), SIGTERM / SIGINT handling
+(save, stop, exit status `preemption.EXIT_PREEMPTED`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import signal
 import time
 
 import jax
@@ -30,6 +30,7 @@ from dcjax.rl.reward_worker import RewardWorker, TextReward
 from dcjax.train import checkpoint as ckpt_lib
 from dcjax.train import metrics as metrics_lib
 from dcjax.train import optim
+from dcjax.train import preemption
 from dcjax.train.reporting import NonFiniteLossError
 
 RUNTIME_MODEL_FIELDS = ("dtype", "remat_policy", "attention_impl")
@@ -112,25 +113,6 @@ def _meta(model_config, config, state_abstract) -> dict:
       state_shapes=flat)
 
 
-class _SigTerm:
-  def __init__(self):
-    self.requested, self._previous = False, None
-
-  def __enter__(self):
-    def handler(signum, frame):
-      del signum, frame
-      self.requested = True
-    try:
-      self._previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-      self._previous = None
-    return self
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
 def train_grpo(config, workdir: "str | workdir_lib.Workdir", *, reward_fn=None, hooks=(), mesh=None) -> dict:
   """Runs the RL loop; returns {"state", "history" (metrics per step), "stopped",
   "iterator" (the prompt iterator, positioned after the last batch), ...}.
@@ -195,7 +177,7 @@ def train_grpo(config, workdir: "str | workdir_lib.Workdir", *, reward_fn=None, 
                 checkpoint_dir=ckpt.directory)
   root = jax.random.wrap_key_data(jax.device_get(state.rng))
   try:
-    with RewardWorker() as worker, _SigTerm() as sigterm:
+    with RewardWorker() as worker, preemption.Preemption() as signals:
       for it in range(start_iter, int(r.steps)):
         ids, mask, index = prompts.collate(next(iterator), int(p.pad_multiple))
         key = jax.random.fold_in(root, it)
@@ -214,7 +196,7 @@ def train_grpo(config, workdir: "str | workdir_lib.Workdir", *, reward_fn=None, 
           hook(done, m)
         last = done == r.steps
         # On a pod only some hosts may get SIGTERM; orbax agrees on a step for all of them.
-        preempt = sigterm.requested or (jax.process_count() > 1
+        preempt = signals.requested or (jax.process_count() > 1
                                         and ckpt.manager.reached_preemption(done))
         if preempt or last or ckpt.should_save(done):
           ckpt.save(done, state, iterator, meta, force=True)
@@ -257,6 +239,9 @@ def run(config, workdir: "str | workdir_lib.Workdir") -> None:
     _log(f"grpo {result['stopped']}: {len(hist)} iterations in {time.perf_counter() - start:.0f}s;"
          f" reward {first['reward']:.3f} -> {last['reward']:.3f} (mean of first/last {k}: "
          f"{head:.3f} -> {tail:.3f}); checkpoints in {result['checkpoint_dir']}")
+  if result["stopped"] == "preempted":
+    _log(f"exit status {preemption.EXIT_PREEMPTED}: rerun the same command to resume")
+    raise SystemExit(preemption.EXIT_PREEMPTED)
 
 
 __all__ = ["run", "train_grpo", "validate"]

@@ -2,13 +2,13 @@
 
 tokenizer -> model (init or HF) -> sharded train state (or restore) -> compiled step (memory
 analysis printed) -> loop with one-step-late metrics, held-out ELBO, async checkpoints,
-SIGTERM / non-finite handling -> final checkpoint -> one sample completion.
+SIGTERM / SIGINT (save, stop, exit status 75) and non-finite handling -> final checkpoint ->
+one sample completion.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import signal
 import time
 
 import flax.linen as nn
@@ -23,7 +23,7 @@ from dcjax.model import inspect as model_inspect
 from dcjax.parallel import mesh as mesh_lib
 from dcjax import model as model_lib
 from dcjax.train import checkpoint as ckpt_lib
-from dcjax.train import completion, metrics as metrics_lib, optim
+from dcjax.train import completion, metrics as metrics_lib, optim, preemption
 from dcjax.train import reporting
 from dcjax.train import state as state_lib
 from dcjax.train import step as step_lib
@@ -71,29 +71,6 @@ def _check_batch(config, mesh, shard: pipeline.HostShard) -> None:
   if t.batch_size % shard.count:
     raise ValueError(f"config.train.batch_size={t.batch_size} is not divisible by the "
                      f"{shard.count} hosts")
-
-
-class _Preemption:
-  """SIGTERM (TPU preemption, `kill`) sets a flag that the loop checks after each step."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def _handler(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handler)
-    except ValueError:  # not the main thread: no handler
-      self._previous = None
-    return self
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
 
 
 def train(config, workdir: "str | workdir_lib.Workdir", *, hooks=()) -> dict:
@@ -223,7 +200,7 @@ def _loop(state, start_step, compiled, iterator, reporter, evaluate, ckpt, meta,
   a state whose loss and gradient were finite.
   """
   pending = None
-  with _Preemption() as preemption:
+  with preemption.Preemption() as signals:
     if start_step == 0:
       evaluate(0, state.params)
     reporter.restart_clock()
@@ -240,19 +217,21 @@ def _loop(state, start_step, compiled, iterator, reporter, evaluate, ckpt, meta,
       ckpt.check()  # a failed background save stops the run here, not an interval later
       multihost_preempt = jax.process_count() > 1 and ckpt.manager.reached_preemption(done)
       is_last, eval_due, save_due = done == t.steps, done % t.eval_every == 0, ckpt.should_save(done)
-      if not (preemption.requested or multihost_preempt or done == t.preempt_at_step
+      if not (signals.requested or multihost_preempt or done == t.preempt_at_step
               or is_last or eval_due or save_due):
         continue
       reporter.step(*pending)  # sync point; a hook may raise SIGTERM here
       pending = None
-      preempt = preemption.requested or multihost_preempt or done == t.preempt_at_step
+      preempt = signals.requested or multihost_preempt or done == t.preempt_at_step
       if eval_due or is_last:
         evaluate(done, state.params)
       if preempt or is_last or save_due:
         ckpt.save(done, state, iterator, meta, force=True)
         reporter.restart_clock()
       if preempt:
-        log(f"preempted after step {done}: checkpoint saved to {ckpt.directory}")
+        why = signals.requested or ("the pod's preemption notice" if multihost_preempt
+                                    else "config.train.preempt_at_step")
+        log(f"preempted after step {done} ({why}): checkpoint saved to {ckpt.directory}")
         return state, "preempted"
     if pending is not None:
       reporter.step(*pending)
@@ -269,7 +248,10 @@ def run(config, workdir: "str | workdir_lib.Workdir") -> None:
     raise SystemExit(f"error: {e}") from None
   log(f"training {result['stopped']} at step {result['steps_done']} in "
       f"{time.perf_counter() - start:.0f}s; checkpoints in {result['checkpoint_dir']}")
-  if result["stopped"] != "completed" or not config.train.sample_new_tokens:
+  if result["stopped"] == "preempted":
+    log(f"exit status {preemption.EXIT_PREEMPTED}: rerun the same command to resume")
+    raise SystemExit(preemption.EXIT_PREEMPTED)
+  if not config.train.sample_new_tokens:
     return
   text, which = completion.complete(
       config, result["model_config"], result["state"].params, result["tokenizer"],

@@ -86,18 +86,30 @@ def peak_flops(devices=None, cpu_dtype=jnp.float32) -> tuple[float, str]:
 
 
 class MetricWriter:
-  """JSONL (`metrics.jsonl`) + TensorBoard event files in the workdir; host 0 only."""
+  """JSONL (`metrics.jsonl`) + TensorBoard event files in the workdir; host 0 only.
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  `start_step`: the step a run starts from (a restored checkpoint's, or 0). The records of
+  later steps come from a run that went on past its last checkpoint; this run redoes those
+  steps, so they are dropped (and hidden in TensorBoard), and each step keeps one record.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, start_step: int | None = None):
     self.enabled = enabled
+    self.dropped = 0
     self._jsonl = None
     self._tb = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      path = os.path.join(workdir, "metrics.jsonl")
+      if start_step is not None:
+        self.dropped = drop_records_after(path, start_step)
+      self._jsonl = open(path, "a")
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        purge = None  # TensorBoard hides the events logged at steps >= purge_step
+        if start_step is not None:
+          purge = start_step + 1 if start_step else 0
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
       except ImportError:
         self._tb = None
 
@@ -117,3 +129,29 @@ class MetricWriter:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def drop_records_after(path: str, step: int) -> int:
+  """Rewrites a metrics.jsonl without the records of steps after `step` (all of them when
+  `step` is 0: a run from scratch redoes the step-0 evaluation too); returns how many went.
+
+  A line that is not a JSON record (a write cut short by a kill) is dropped too.
+  """
+  if not os.path.exists(path):
+    return 0
+  kept, dropped = [], 0
+  with open(path) as f:
+    for line in f:
+      try:
+        record_step = int(json.loads(line)["step"])
+      except (ValueError, KeyError, TypeError):
+        record_step = None
+      if step > 0 and record_step is not None and record_step <= step:
+        kept.append(line)
+      else:
+        dropped += 1
+  if dropped:
+    with open(path + ".tmp", "w") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
+  return dropped

@@ -31,7 +31,10 @@ class Reporter:
                tokens_per_step: int, flops_per_step: float, peak_flops: float,
                latest_checkpoint: Callable[[], str], hooks: Sequence[Callable] = ()):
     host0 = jax.process_index() == 0
-    self.writer = metrics_lib.MetricWriter(workdir, enabled=host0)
+    self.writer = metrics_lib.MetricWriter(workdir, enabled=host0, start_step=start_step)
+    if self.writer.dropped:
+      log(f"metrics.jsonl: dropped {self.writer.dropped} records of the steps after "
+          f"{start_step}, which this run redoes")
     self.bar = tqdm(total=total_steps, initial=start_step, disable=not host0, desc="train",
                     dynamic_ncols=True, leave=False, mininterval=1.0)
     self.total_steps, self.log_every, self.hooks = total_steps, log_every, list(hooks)
