@@ -1,6 +1,7 @@
 """Config validation names the bad field; the entry point runs and reports errors."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -8,7 +9,9 @@ import pytest
 
 from dcjax import config as config_lib
 from dcjax.parallel import mesh as mesh_lib
-from configs import diffucoder_7b, small, tiny
+from configs import (diffucoder_7b, diffucoder_7b_adapt, diffucoder_7b_sft, small,
+                     small_pretrain, tiny)
+from dcjax.train import train_config
 from tests.conftest import REPO
 
 
@@ -17,6 +20,55 @@ def test_shipped_configs_validate(module):
   config = module.get_config()
   config_lib.validate(config)
   assert module.__doc__ and "python -m dcjax.main --config configs/" in module.__doc__
+
+
+def _documented_overrides(module):
+  """{"data.paths": "/mnt/...", ...}: the --config.X=Y flags of the docstring's command line."""
+  flags = re.findall(r"--config\.([\w.]+)=(\S+)", module.__doc__)
+  return {field: value.strip("'\"") for field, value in flags}
+
+
+@pytest.mark.parametrize("module,kind,seq_len,micro_batches,anneal_steps,required", [
+    (diffucoder_7b_adapt, "pretrain", 4096, 4, 10_000, ("hf_dir", "data.tokenizer", "data.paths")),
+    (diffucoder_7b_sft, "sft", 2048, 2, 0, ("hf_dir", "data.paths")),
+    (small_pretrain, "pretrain", 1024, 1, 0, ()),
+])
+def test_training_configs_validate_with_their_documented_command(
+    module, kind, seq_len, micro_batches, anneal_steps, required):
+  """The docstring's command lines fill the paths a config leaves empty; then it validates."""
+  overrides = _documented_overrides(module)
+  assert set(required) <= set(overrides), overrides
+  config = module.get_config()
+  assert config.mode == "train"
+  for field in required:  # left empty: without the command line's value, validation stops
+    section, _, name = field.rpartition(".")
+    target = config[section] if section else config
+    assert name in target and target[name] == "", field
+  if "data.paths" in required:
+    with pytest.raises(config_lib.ConfigError, match=r"config\.data\.paths is empty"):
+      config_lib.validate(config)
+  else:  # small_pretrain: the first command has no flags (stdlib corpus); the docstring's
+    config_lib.validate(config)  # --config.data.source/paths example must validate too
+    assert (config.data.source, overrides["data.source"]) == ("stdlib", "array_record")
+  for field, value in overrides.items():
+    section, _, name = field.rpartition(".")
+    (config[section] if section else config)[name] = value
+  config_lib.validate(config)
+
+  t, d = config.train, config.data
+  assert (d.kind, d.seq_len, t.micro_batches) == (kind, seq_len, micro_batches)
+  assert t.loss.anneal_steps == anneal_steps
+  assert t.batch_size % t.micro_batches == 0 and 0 < t.warmup_steps < t.steps
+  assert 0 < t.lr <= 1e-3 and t.eval_every <= t.steps
+  # The model section is what hf_dir's config.json must match; it is valid on its own.
+  model = config_lib.model_config(config)
+  model.validate("config.model")
+  train_config.check_seq_len(config, model, "config.model")
+  if module is not small_pretrain:  # DiffuCoder-7B: <|mask|> is a spare row of Qwen2.5's vocab
+    assert config.hf_dir.startswith("/path/to/") and config.data.paths.startswith("/mnt/")
+    assert (model.num_layers, model.hidden_size, model.mask_token_id) == (28, 3584, 151666)
+    assert model.dtype == "bfloat16" and model.param_dtype == "float32"
+    assert config.mesh.to_dict() == {"data": 1, "fsdp": -1, "tensor": 1}
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -88,6 +140,7 @@ def _main(tmp_path, *overrides):
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_entry_point_inspects_the_tiny_model(tmp_path):
   result = _main(tmp_path, "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
                  "--config.model.num_layers=3")

@@ -59,6 +59,7 @@ def test_mean_pass_at_k_skips_k_above_n():
 
 # ------------------------------------------------------------------- HumanEval
 
+@pytest.mark.slow
 def test_all_humaneval_canonical_solutions_pass(humaneval, tmp_path):
   assert len(humaneval) == 164
   by_prompt = {build_prompt(t, "instruct"): t for t in humaneval}
@@ -85,6 +86,7 @@ def test_all_humaneval_canonical_solutions_pass(humaneval, tmp_path):
   assert "pass@1" in report.table() and "100.0" in report.table()
 
 
+@pytest.mark.slow
 def test_canonical_solutions_fail_other_tasks_tests(humaneval):
   # Solution i, renamed to task i+1's entry point, against task i+1's tests.
   programs = []

@@ -5,6 +5,7 @@ cheap deterministic reward."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from dcjax.config import base_config
 from dcjax.model import ModelConfig
@@ -14,6 +15,7 @@ from dcjax.rl import grpo_config, iteration, learner as learner_lib, logprobs
 from dcjax.rl.loss import PolicyLossConfig
 from dcjax.rl.reward_worker import RewardResult, RewardWorker
 from dcjax.train import optim
+from tests.trees import assert_trees_close, assert_trees_equal
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
                   num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=10_000.0,
@@ -42,6 +44,7 @@ def random_batch(b=8, p=5, n=6, seed=0):
               advantages_B=rng.normal(size=b).astype(np.float32))
 
 
+@pytest.mark.slow
 def test_sharded_update_equals_unsharded():
   params = model_lib.init_params(CFG, jax.random.key(0))
   batch = random_batch()
@@ -60,8 +63,7 @@ def test_sharded_update_equals_unsharded():
   assert s_state.params["embed_tokens"]["embedding"].sharding.spec != jax.sharding.PartitionSpec()
 
   # One AdamW step moves each weight by about lr = 1e-3; the layouts agree far below that.
-  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(s_state.params)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-5)
+  assert_trees_close(s_state.params, state.params, rtol=1e-4, atol=2e-5)
   for name in ("loss", "kl", "grad_norm", "entropy"):
     np.testing.assert_allclose(float(m_sh[name]), float(m_plain[name]), rtol=1e-5)
   # mu = 1 (no old estimate): the ratio is exactly 1, nothing clipped
@@ -69,6 +71,7 @@ def test_sharded_update_equals_unsharded():
   assert float(m_plain["kl"]) > 0
 
 
+@pytest.mark.slow
 def test_rl_raises_target_token_reward():
   """Reward = fraction of completion tokens equal to TARGET; rises clearly in ~30 steps.
 
@@ -103,5 +106,4 @@ def test_rl_raises_target_token_reward():
   first, last = np.mean(rewards[:5]), np.mean(rewards[-5:])
   assert last > first + 0.25, rewards
   assert int(state.step) == 60  # a multiple of 10: the reference was just refreshed
-  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(state.ref_params)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert_trees_equal(state.ref_params, state.params)

@@ -31,6 +31,7 @@ def _score(cfg, prompts, completion, pad_to):
   return np.asarray(logp)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["coupled", "decoupled", "full"])
 def test_default_scoring_is_batch_invariant(kind):
   rng = np.random.default_rng(0)

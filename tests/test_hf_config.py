@@ -37,6 +37,7 @@ def _padded_batch(seed=0):
   return tokens, keep, positions
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", GRID.values(), ids=GRID.keys())
 def test_transformers_checkpoint_loads_and_exports_with_its_numerics(overrides, tmp_path):
   reference = random_qwen2(seed=3, **overrides)

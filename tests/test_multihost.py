@@ -13,6 +13,8 @@ import subprocess
 import sys
 import sysconfig
 
+import pytest
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOSTS, DEVICES_PER_HOST = 2, 2
@@ -70,6 +72,7 @@ def _logged_steps(workdir, key="train/loss") -> list[int]:
     return [json.loads(line)["step"] for line in f if key in line]
 
 
+@pytest.mark.slow
 def test_two_process_pod_trains_checkpoints_and_resumes(tmp_path):
   workdir = str(tmp_path / "run")
   out0, out1 = _launch(workdir, _overrides(steps=4))
@@ -90,6 +93,7 @@ def test_two_process_pod_trains_checkpoints_and_resumes(tmp_path):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]
 
 
+@pytest.mark.slow
 def test_two_process_pod_runs_coupled_grpo(tmp_path):
   """Rollouts, rewards per host, the learner on the global mesh; untrained, so rewards are 0."""
   workdir = str(tmp_path / "grpo")
@@ -110,6 +114,7 @@ SMALL_MODEL = {"model.vocab_size": 264, "model.hidden_size": 32, "model.intermed
                "model.head_dim": 16, "sampler.max_new_tokens": 8, "sampler.steps": 8}
 
 
+@pytest.mark.slow
 def test_two_process_pod_samples_and_evaluates(tmp_path):
   """Sampler outputs are sharded over both hosts; each mode gathers them, process 0 writes."""
   sample_dir, eval_dir = str(tmp_path / "sample"), str(tmp_path / "eval")

@@ -56,6 +56,7 @@ def _prompts(rows=4, length=8, seed=0):
 TIE = 1e-5  # confidences closer than this are a tie under float noise
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("alg", ["maskgit_plus", "topk_margin", "entropy"])
 @pytest.mark.parametrize("kind, filters", [("random", {}), ("peaked", {"top_p": 0.9, "top_k": 40})],
                          ids=["random-plain", "peaked-top_p_k"])
@@ -89,6 +90,7 @@ def test_greedy_equals_dream(tmp_path_factory, kind, alg, filters):
     np.testing.assert_array_equal(reveal[:, p:], want_reveal[:, p:])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [
     dict(alg="origin", temperature=1.0, top_p=0.95),
     dict(alg="entropy", temperature=1.2, top_k=50, alg_temp=0.5),
