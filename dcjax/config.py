@@ -23,11 +23,11 @@ from dcjax.parallel.rules import MESH_AXES
 
 # mode name -> "module:function"; the function is `run(config, workdir) -> None`.
 MODES = {
-    "inspect": "dcjax.model.inspect:run",
-    "train": "dcjax.train.loop:run",
-    "sample": "dcjax.diffusion.sample_cli:run",
-    "eval": "dcjax.eval.cli:run",
-    "grpo": "dcjax.rl.loop:run",
+    "inspect": "dcjax.modes.inspect:run",
+    "train": "dcjax.modes.train:run",
+    "sample": "dcjax.modes.sample:run",
+    "eval": "dcjax.modes.eval:run",
+    "grpo": "dcjax.modes.grpo:run",
 }
 
 

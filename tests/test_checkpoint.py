@@ -15,7 +15,8 @@ from dcjax.config import base_config, model_config
 from dcjax.parallel import mesh as mesh_lib
 from dcjax import model as model_lib
 from dcjax.train import checkpoint as ckpt_lib
-from dcjax.train import loop, optim, reporting
+from dcjax.modes import train as loop
+from dcjax.train import optim, reporting
 from dcjax.train import state as state_lib
 from dcjax.train.train_config import add_train_sections
 

@@ -19,7 +19,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dcjax.config import ConfigError
 from dcjax.train import checkpoint as ckpt_lib
-from dcjax.train import integrity, loop
+from dcjax.modes import train as loop
+from dcjax.train import integrity
 from tests.test_checkpoint import _config as loop_config
 
 # ---- the fingerprint, against its definition ---------------------------------------------

@@ -17,7 +17,7 @@ from dcjax.diffusion.sampler import generate
 from dcjax.eval import tasks as eval_tasks
 from dcjax.model import ModelConfig
 from dcjax.rl import prompts as rl_prompts
-from dcjax.train import loop
+from dcjax.modes import train as loop
 from dcjax.config import ConfigError
 
 JSON_DIR = os.path.join(sysconfig.get_paths()["stdlib"], "json")

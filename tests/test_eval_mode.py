@@ -6,7 +6,7 @@ import jax
 import numpy as np
 
 from configs import eval_humaneval
-from dcjax.eval import cli
+from dcjax.eval import runner
 from dcjax.eval.sampler_fn import make_generate_fn
 from dcjax.parallel import mesh as mesh_lib
 
@@ -35,9 +35,9 @@ def test_generate_fn_shapes_and_fresh_keys(tmp_path):
 def test_eval_mode_writes_results(tmp_path):
   config = _config(tmp_path)
   # dcjax.main builds the mesh from all devices; use a 2-device one here.
-  cli.validate(config)
+  runner.validate(config)
   mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:2])
-  report = cli.run_eval(config, make_generate_fn(config, mesh), workdir=str(tmp_path),
+  report = runner.run_eval(config, make_generate_fn(config, mesh), workdir=str(tmp_path),
                         progress=False)
   summary = json.loads(open(report.paths["summary"]).read())
   assert summary["sampler"]["steps"] == 8

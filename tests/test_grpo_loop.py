@@ -10,7 +10,7 @@ import pytest
 
 from dcjax import config as config_lib
 from dcjax.parallel.mesh import make_mesh
-from dcjax.rl import loop
+from dcjax.modes import grpo as loop
 from dcjax.rl.reward_worker import RewardResult
 
 

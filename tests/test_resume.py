@@ -14,7 +14,8 @@ import pytest
 from dcjax.config import base_config
 from dcjax.data import pipeline
 from dcjax.data import tokenizer as tokenizer_lib
-from dcjax.train import loop, metrics, preemption
+from dcjax.modes import train as loop
+from dcjax.train import metrics, preemption
 from dcjax.train.train_config import add_train_sections
 from tests.test_data import CharTokenizer
 
@@ -207,7 +208,7 @@ def test_sigterm_and_sigint_request_a_save_then_ctrl_c_stops(tmp_path):
 
 
 def test_grpo_exit_status_tells_preempted_from_completed(monkeypatch, tmp_path):
-  from dcjax.rl import loop as rl_loop  # pylint: disable=import-outside-toplevel
+  from dcjax.modes import grpo as rl_loop  # pylint: disable=import-outside-toplevel
   result = dict(history=[], checkpoint_dir=str(tmp_path))
   monkeypatch.setattr(rl_loop, "train_grpo", lambda *a: dict(result, stopped="preempted"))
   with pytest.raises(SystemExit) as stop:

@@ -9,8 +9,9 @@ import pytest
 
 from configs import sample as sample_config
 from dcjax.config import ConfigError
-from dcjax.diffusion import decode, sample_cli, visualize
-from dcjax.model import param_shardings
+from dcjax.diffusion import decode, visualize
+from dcjax.modes import sample as sample_cli
+from dcjax.model import loading, param_shardings
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,7 @@ def test_sample_mode_end_to_end(tmp_path, capsys, monkeypatch):
     del rng
     return jax.device_put(random_params(model_config), param_shardings(model_config, mesh))
 
-  monkeypatch.setattr(sample_cli.model_lib, "init_params", host_init)
+  monkeypatch.setattr(loading, "init_params", host_init)
   config = sample_config.get_config()
   config.model.update(dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
                            num_kv_heads=2, head_dim=16))

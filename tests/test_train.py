@@ -15,7 +15,8 @@ from dcjax.diffusion import losses
 from dcjax.model.config import ModelConfig
 from dcjax.parallel import mesh as mesh_lib
 from dcjax import model as model_lib
-from dcjax.train import loop, optim
+from dcjax.modes import train as loop
+from dcjax.train import optim
 from dcjax.train import state as state_lib
 from dcjax.train import step as step_lib
 

@@ -11,7 +11,7 @@ import os
 import pytest
 
 from dcjax import workdir as workdir_lib
-from dcjax.train import loop
+from dcjax.modes import train as loop
 from tests.test_checkpoint import _config as checkpoint_config
 
 

@@ -11,7 +11,7 @@ sandboxed execution, unbiased pass@k, and the decoding-order analysis (docs/eval
 
 from dcjax.eval.arness import (arness_curves, confidence_curve, confidence_from_logits,
                                global_arness, local_arness, reveal_order)
-from dcjax.eval.cli import run_eval, validate
+from dcjax.eval.runner import run_eval, validate
 from dcjax.eval.harness import EvalReport, evaluate
 from dcjax.eval.passk import mean_pass_at_k, pass_at_k
 from dcjax.eval.plots import plot_arness, plot_confidence_curve

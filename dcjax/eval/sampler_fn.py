@@ -9,7 +9,8 @@ import jax
 import numpy as np
 
 from dcjax.diffusion import decode
-from dcjax.diffusion.sample_cli import load_model_and_tokenizer, sampler_kwargs
+from dcjax.diffusion.loading import load_model_and_tokenizer
+from dcjax.diffusion.sampler_config import sampler_kwargs
 from dcjax.diffusion.sampler import generate
 from dcjax.parallel.sharding import to_host
 from dcjax.parallel.rules import MESH_AXES

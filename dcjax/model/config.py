@@ -6,6 +6,9 @@ import dataclasses
 from typing import Any, Mapping
 
 # remat_policy name -> the `jax.checkpoint_policies` policy applied to each scanned layer.
+# How the model runs, not what it computes: a run may set these on top of a checkpoint's
+# config.json, and a resumed run may change them.
+RUNTIME_FIELDS = ("dtype", "remat_policy", "attention_impl")
 REMAT_POLICIES = {"none": None, "full": "nothing_saveable", "dots": "checkpoint_dots",
                   "dots_no_batch": "checkpoint_dots_with_no_batch_dims"}
 ATTENTION_IMPLS = ("xla", "dot_product_attention")

@@ -30,6 +30,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from dcjax import workdir as workdir_lib
+from dcjax.model.config import RUNTIME_FIELDS
 from dcjax.train import integrity
 
 VERIFY_MODES = ("skip", "fatal")
@@ -278,7 +279,7 @@ def make_meta(model_config, config, state) -> dict[str, Any]:
   """What a resumed run must agree on, plus the state's shapes for a clear mismatch error."""
   return dict(
       model={k: v for k, v in model_config.to_dict().items()
-             if k not in ("dtype", "remat_policy", "attention_impl")},
+             if k not in RUNTIME_FIELDS},
       data=dict(kind=config.data.kind, seq_len=int(config.data.seq_len)),
       train=dict(batch_size=int(config.train.batch_size)),
       state_shapes={k: list(v) for k, v in _flat_shapes(state).items()},

@@ -6,7 +6,6 @@ pictures `decoding_order.html` and `decoding_order.png`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -14,17 +13,15 @@ import time
 import jax
 import numpy as np
 
-from dcjax import config as config_lib
-from dcjax import model as model_lib
+from dcjax.config import ConfigError
 from dcjax import workdir as workdir_lib
 from dcjax.diffusion import decode, visualize
+from dcjax.diffusion.loading import load_model_and_tokenizer
 from dcjax.diffusion.sampler import generate
 from dcjax.diffusion.sampler_config import sampler_kwargs, validate_sampler
 from dcjax.parallel import mesh as mesh_lib
 from dcjax.parallel import sharding
 from dcjax.parallel.rules import MESH_AXES
-
-ConfigError = config_lib.ConfigError
 
 
 def validate(config) -> None:
@@ -36,27 +33,6 @@ def validate(config) -> None:
     raise ConfigError("config.prompt must be a non-empty string")
   if config.get("num_samples", 1) < 1:
     raise ConfigError(f"config.num_samples={config.num_samples} must be >= 1")
-
-
-def load_model_and_tokenizer(config, mesh):
-  """(ModelConfig, params, tokenizer): a Hugging Face checkpoint directory, or without
-  `hf_dir` a random model from config.model with the byte-level fallback tokenizer."""
-  if config.get("hf_dir"):
-    from dcjax.data.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
-    from dcjax.model.hf import load_pretrained  # pylint: disable=import-outside-toplevel
-    model_config, params = load_pretrained(config.hf_dir, dtype=config.model.param_dtype,
-                                           mesh=mesh, compute_dtype=config.model.dtype)
-    tokenizer = load_tokenizer(config.get("tokenizer_path") or config.hf_dir)
-  else:
-    tokenizer = decode.ByteTokenizer()
-    model_config = config_lib.model_config(config)
-    if model_config.vocab_size < tokenizer.vocab_size:
-      raise ConfigError(f"config.model.vocab_size={model_config.vocab_size} is smaller than the "
-                        f"byte tokenizer's {tokenizer.vocab_size}")
-    params = model_lib.init_params(model_config, jax.random.key(config.seed), mesh)
-  if model_config.mask_token_id != tokenizer.mask_id:
-    model_config = dataclasses.replace(model_config, mask_token_id=tokenizer.mask_id)
-  return model_config, params, tokenizer
 
 
 def run(config, workdir: "str | workdir_lib.Workdir") -> None:

@@ -1,4 +1,4 @@
-"""`mode="grpo"`: coupled-GRPO end to end (SPEC §4).
+"""`mode="grpo"`: coupled-GRPO end to end (docs/grpo.md).
 
 tasks + tokenizer -> model (init or HF) on the mesh -> optional SFT warm start -> RL state
 (policy, AdamW, reference, rng) or a restored checkpoint -> loop of `grpo_iteration`s with
@@ -15,12 +15,12 @@ import time
 import jax
 import numpy as np
 
-from dcjax import config as config_lib
 from dcjax import workdir as workdir_lib
 from dcjax.data import tokenizer as tokenizer_lib
 from dcjax.data import tokenizer_cache
 from dcjax.diffusion import sampler_config
-from dcjax.model import inspect as model_inspect
+from dcjax.model.config import RUNTIME_FIELDS
+from dcjax.model.loading import load_or_init
 from dcjax.parallel import mesh as mesh_lib
 from dcjax.rl import grpo_config, iteration, learner as learner_lib, logprobs, prompts
 from dcjax.rl import warm_start as warm_lib
@@ -32,9 +32,6 @@ from dcjax.train import metrics as metrics_lib
 from dcjax.train import optim
 from dcjax.train import preemption
 from dcjax.train.reporting import NonFiniteLossError
-
-RUNTIME_MODEL_FIELDS = ("dtype", "remat_policy", "attention_impl")
-
 
 def _log(message: str) -> None:
   if jax.process_index() == 0:
@@ -90,22 +87,12 @@ def get_tokenizer(config, workdir: "str | workdir_lib.Workdir", tasks):
       wd.shared_file(f"tokenizer/sp{int(p.tokenizer_vocab_size)}.model", train))
 
 
-def _model(config, mesh, restoring: bool):
-  if restoring and not config.get("hf_dir"):
-    return config_lib.model_config(config), None
-  model_config, params = model_inspect.load_or_init(config, mesh)
-  if config.get("hf_dir") and "model" in config:
-    overrides = {k: config.model[k] for k in RUNTIME_MODEL_FIELDS if k in config.model}
-    model_config = dataclasses.replace(model_config, **overrides)
-  return model_config, params
-
-
 def _meta(model_config, config, state_abstract) -> dict:
   flat = {jax.tree_util.keystr(path): list(leaf.shape)
           for path, leaf in jax.tree_util.tree_leaves_with_path(state_abstract)}
   r, p = config.rl, config.prompts
   return dict(
-      model={k: v for k, v in model_config.to_dict().items() if k not in RUNTIME_MODEL_FIELDS},
+      model={k: v for k, v in model_config.to_dict().items() if k not in RUNTIME_FIELDS},
       data=dict(source=p.source, path=p.path, max_prompt_len=int(p.max_prompt_len),
                 synthetic_tasks=int(p.synthetic_tasks)),
       train=dict(num_prompts=int(r.num_prompts), num_generations=int(r.num_generations),
@@ -130,7 +117,7 @@ def train_grpo(config, workdir: "str | workdir_lib.Workdir", *, reward_fn=None, 
   ckpt = ckpt_lib.Checkpointer.from_config(wd.checkpoints, config.checkpoint, after_save=wd.push,
                                           log=_log)
   latest = ckpt.latest_step() if config.checkpoint.restore else None
-  model_config, params = _model(config, mesh, restoring=latest is not None)
+  model_config, params = load_or_init(config, mesh, restoring=latest is not None)
   if model_config.mask_token_id is None:
     model_config = dataclasses.replace(model_config, mask_token_id=tok.mask_id)
   tokenizer_cache.check_against_model(tok, model_config)

@@ -1,4 +1,4 @@
-"""The `eval` mode: config validation and `run_eval(config, generate_fn)`.
+"""Benchmarks from a config: validation of `config.eval` and `run_eval(config, generate_fn)`.
 
 Config sections read here (see configs/eval_humaneval.py):
   config.eval     benchmark, data_path, n_samples, k, prompt_style, output_dir, timeout_s,
@@ -100,12 +100,3 @@ def _process_index() -> int:
   """0 without jax imported (the harness alone does not need it)."""
   jax = sys.modules.get("jax")
   return jax.process_index() if jax is not None else 0
-
-
-def run(config: Any, workdir: Any) -> None:
-  """Mode entry used by dcjax.main (`config.mode = "eval"`): the sampler as generate_fn."""
-  from dcjax.eval.sampler_fn import make_generate_fn  # pylint: disable=import-outside-toplevel
-  from dcjax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
-  from dcjax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
-  mesh = mesh_lib.make_mesh(config.mesh)
-  run_eval(config, make_generate_fn(config, mesh), workdir=workdir_lib.resolve(workdir).local)

@@ -8,20 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dcjax import config as config_lib
 from dcjax import model as model_lib
+from dcjax.model.loading import load_or_init
 from dcjax.parallel import mesh as mesh_lib
-
-
-
-def load_or_init(config, mesh):
-  """(ModelConfig, params): from `config.hf_dir` when set, else a sharded random init."""
-  if config.get("hf_dir"):
-    from dcjax.model import hf  # pylint: disable=import-outside-toplevel
-    return hf.load_pretrained(config.hf_dir, dtype=config.model.get("param_dtype", "float32"),
-                              mesh=mesh)
-  model_config = config_lib.model_config(config)
-  return model_config, model_lib.init_params(model_config, jax.random.key(config.seed), mesh)
 
 
 def describe(params) -> str:

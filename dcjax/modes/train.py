@@ -19,9 +19,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from dcjax import config as config_lib
 from dcjax import workdir as workdir_lib
 from dcjax.data import pipeline, sources, tokenizer_cache
-from dcjax.model import inspect as model_inspect
-from dcjax.parallel import mesh as mesh_lib
 from dcjax import model as model_lib
+from dcjax.model.loading import load_or_init
+from dcjax.parallel import mesh as mesh_lib
 from dcjax.train import checkpoint as ckpt_lib
 from dcjax.train import completion, metrics as metrics_lib, optim, preemption
 from dcjax.train import reporting
@@ -31,31 +31,10 @@ from dcjax.train.reporting import NonFiniteLossError, log
 from dcjax.train.train_config import check_seq_len, loss_config
 from dcjax.train.train_config import validate  # noqa: F401 (the mode's validation hook)
 
-RUNTIME_MODEL_FIELDS = ("dtype", "remat_policy", "attention_impl")
-
-
 def _model(config, mesh, restoring: bool, tok):
-  """(ModelConfig, params or None when restoring: the checkpoint brings them).
-
-  From `config.hf_dir` (weights loaded sharded; dtype / remat / attention taken from
-  config.model) or a sharded random init of config.model. A checkpoint without a mask id in
-  its config.json (an AR model being adapted) gets the tokenizer's <|mask|>.
-  """
-  if config.get("hf_dir"):
-    param_dtype = config.model.get("param_dtype", "float32") if "model" in config else "float32"
-    if restoring:
-      from dcjax.model import hf  # pylint: disable=import-outside-toplevel
-      model_config, params = hf.read_config(config.hf_dir)[0], None
-      model_config = dataclasses.replace(model_config, param_dtype=param_dtype, dtype=param_dtype)
-    else:
-      model_config, params = model_inspect.load_or_init(config, mesh)
-    if "model" in config:
-      overrides = {k: config.model[k] for k in RUNTIME_MODEL_FIELDS if k in config.model}
-      model_config = dataclasses.replace(model_config, **overrides)
-  elif restoring:
-    model_config, params = config_lib.model_config(config), None
-  else:
-    model_config, params = model_inspect.load_or_init(config, mesh)
+  """`model.loading.load_or_init`; a checkpoint without a mask id in its config.json (an AR
+  model being adapted) gets the tokenizer's <|mask|>."""
+  model_config, params = load_or_init(config, mesh, restoring=restoring)
   if model_config.mask_token_id is None:
     model_config = dataclasses.replace(model_config, mask_token_id=tok.mask_id)
   return model_config, params
