@@ -51,7 +51,7 @@ def test_left_padded_batch_matches_on_real_rows(reference):
   keep = np.ones((3, 12), bool)
   keep[0, :5] = False
   keep[1, :1] = False
-  positions = np.where(keep, np.cumsum(keep, axis=1) - 1, 1)  # SPEC §1, written out here
+  positions = np.where(keep, np.cumsum(keep, axis=1) - 1, 1)  # docs/model.md, written out here
   ours = np.asarray(model_lib.apply(config, params, tokens, attention_mask=keep))
   theirs = bidirectional_logits(model, tokens, keep=keep, positions=positions)
   assert np.isfinite(ours).all()  # pad query rows are fully masked and must stay finite
