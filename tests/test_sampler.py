@@ -1,4 +1,4 @@
-"""The jitted sampler against a plain reference decoder written here from SPEC §3."""
+"""The jitted sampler against a plain reference decoder written here from docs/sampler.md."""
 
 import contextlib
 import dataclasses
@@ -81,7 +81,7 @@ forward = jax.jit(lambda prm, tokens, keep: apply(CONFIG, prm, tokens, keep))
 
 def reference_decode(params, ids, keep, *, max_new_tokens, steps, alg, eps=1e-3,
                      block_length=None):
-  """SPEC §3 as a plain Python loop: one `dcjax.model.apply` call per step.
+  """docs/sampler.md as a plain Python loop: one `dcjax.model.apply` call per step.
 
   Greedy proposals (temperature 0), Dream's float32 schedule from torch.linspace, LLaDA
   counts per block; confidences on the distribution with the mask token, which is never
