@@ -16,7 +16,7 @@ with the model, so a resumed run continues with exactly the next batch.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import grain
 import jax
@@ -182,8 +182,3 @@ def to_global(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, ja
   sharding = batch_sharding(mesh)
   return {key: jax.make_array_from_process_local_data(sharding, np.asarray(local_batch[key]))
           for key in BATCH_KEYS}
-
-
-def global_batches(iterator: Iterator, mesh: Mesh) -> Iterator[dict[str, jax.Array]]:
-  for local_batch in iterator:
-    yield to_global(local_batch, mesh)

@@ -2,9 +2,8 @@
 
 A random tiny model never writes a ```python block, so every reward would be 0; DiffuCoder
 starts RL from an Instruct model for the same reason. This gives the demo a weak starting
-policy: rows are [left-padded prompt, fenced solution, chat end, pads to N]; the SFT loss
-of docs/losses.md (one t ~ U(eps, 1) per row, completion tokens masked with probability t, CE / t
-over masked targets through the logit shift, divided by their count; pads are targets).
+policy: rows are [left-padded prompt, fenced solution, chat end, pads to N], trained with the
+SFT loss of `dcjax.diffusion.losses` (docs/losses.md).
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ import numpy as np
 import optax
 
 from dcjax import model as model_lib
+from dcjax.diffusion import losses
 from dcjax.rl import prompts as prompts_lib
 
 
@@ -42,23 +42,24 @@ def sft_rows(tasks, tokenizer, *, max_prompt_len: int, num_new: int, system_prom
   return ids, mask, np.asarray(completions, np.int32)
 
 
+# docs/losses.md's SFT loss: the prompt is never masked, pads are targets, token mean over
+# masked targets, 1/t weights; left padding hidden through the segment ids and positions.
+SFT_LOSS = losses.LossConfig(document_mask=True)
+
+
 def sft_loss(model_config, params, prompt_ids_BxP, prompt_mask_BxP, completion_BxN, key,
-             mask_id: int, eps: float = 1e-3):
-  """The masked-diffusion SFT loss on the completion (token mean over masked targets)."""
+             mask_id: int):
+  """The masked-diffusion SFT loss of [left-padded prompt, completion] rows."""
   b, n = completion_BxN.shape
-  k_t, k_u = jax.random.split(key)
-  t_Bx1 = (1 - eps) * jax.random.uniform(k_t, (b, 1)) + eps
-  masked_BxN = jax.random.uniform(k_u, (b, n)) < t_Bx1
-  tokens_BxL = jnp.concatenate([prompt_ids_BxP, completion_BxN], axis=1)
-  noisy_BxL = jnp.concatenate(
-      [prompt_ids_BxP, jnp.where(masked_BxN, mask_id, completion_BxN)], axis=1)
   keep_BxL = jnp.concatenate([prompt_mask_BxP, jnp.ones((b, n), bool)], axis=1)
-  logits = model_lib.apply(model_config, params, noisy_BxL, keep_BxL)
-  l = tokens_BxL.shape[1]
-  logits_BxNxV = logits[:, l - n - 1:l - 1].astype(jnp.float32)
-  ce_BxN = optax.softmax_cross_entropy_with_integer_labels(logits_BxNxV, completion_BxN)
-  weight = masked_BxN / t_Bx1
-  return jnp.sum(ce_BxN * weight) / jnp.maximum(jnp.sum(masked_BxN), 1)
+  batch = dict(
+      tokens=jnp.concatenate([prompt_ids_BxP, completion_BxN], axis=1),
+      segment_ids=keep_BxL.astype(jnp.int32), positions=model_lib.keep_positions(keep_BxL),
+      prompt_mask=jnp.concatenate([jnp.ones(prompt_ids_BxP.shape, bool),
+                                   jnp.zeros((b, n), bool)], axis=1))
+  apply = lambda p, tokens, mask, positions: model_lib.apply(model_config, p, tokens, mask,
+                                                             positions)
+  return losses.diffusion_loss(apply, params, batch, key, mask_id, SFT_LOSS)[0]
 
 
 def warm_start(model_config, params, tasks, tokenizer, *, steps: int, batch_size: int,
