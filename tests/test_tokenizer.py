@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerFast
 
 from dcjax.data import tokenizer as tok
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>", "<|dlm_pad|>"]
+RESERVED_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>", "<|dlm_pad|>"]
 SAMPLE = "def add(a, b):\n    \"\"\"Sum.\"\"\"\n\treturn a + b  # ünïcödé ✓ 😀\n\n"
 CHAT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
         "<|im_start|>user\nWrite add.<|im_end|>\n<|im_start|>assistant\n")
@@ -63,7 +63,7 @@ def hf_dir(tmp_path_factory):
   bpe = Tokenizer(models.BPE())
   bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   bpe.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIALS,
+  trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=RESERVED_TOKENS,
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
   bpe.train_from_iterator(_stdlib_texts(), trainer)
   path = tmp_path_factory.mktemp("hf_tok")

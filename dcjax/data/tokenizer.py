@@ -21,7 +21,7 @@ DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 MASK, EOS, IM_START, IM_END, DLM_PAD = (
     "<|mask|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|dlm_pad|>")
 # Sentencepiece layout: <unk> is 0, then these at ids 1..5 in order.
-SP_SPECIAL_TOKENS = (EOS, IM_START, IM_END, MASK, DLM_PAD)
+SP_RESERVED_TOKENS = (EOS, IM_START, IM_END, MASK, DLM_PAD)
 
 
 class Tokenizer(abc.ABC):
@@ -118,7 +118,7 @@ class HFTokenizer(Tokenizer):
 
 
 class SentencePieceTokenizer(Tokenizer):
-  """A sentencepiece model whose special tokens sit at the fixed ids of SP_SPECIAL_TOKENS."""
+  """A sentencepiece model whose special tokens sit at the fixed ids of SP_RESERVED_TOKENS."""
 
   def __init__(self, model_path: str | None = None, *, model_proto: bytes | None = None):
     import sentencepiece as spm  # pylint: disable=import-outside-toplevel
@@ -129,7 +129,7 @@ class SentencePieceTokenizer(Tokenizer):
         model_proto = f.read()
     self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
     self._special = {}
-    for token in SP_SPECIAL_TOKENS:
+    for token in SP_RESERVED_TOKENS:
       token_id = self._sp.piece_to_id(token)
       if self._sp.id_to_piece(token_id) != token:
         raise ValueError(f"sentencepiece model {model_path or '<proto>'} lacks the special token "
@@ -167,11 +167,11 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_path: str, 
                         input_sentence_size: int = 2_000_000) -> SentencePieceTokenizer:
   """Trains a sentencepiece model on `texts` and writes it to `model_path`.
 
-  Ids: 0 <unk>, then SP_SPECIAL_TOKENS at 1..5; byte fallback keeps every string
+  Ids: 0 <unk>, then SP_RESERVED_TOKENS at 1..5; byte fallback keeps every string
   encodable; whitespace is kept verbatim (code needs its indentation).
   """
   import sentencepiece as spm  # pylint: disable=import-outside-toplevel
-  minimum = len(SP_SPECIAL_TOKENS) + 1 + 256  # specials, <unk>, byte pieces
+  minimum = len(SP_RESERVED_TOKENS) + 1 + 256  # specials, <unk>, byte pieces
   if vocab_size <= minimum:
     raise ValueError(f"vocab_size={vocab_size} must exceed {minimum} (special tokens + 256 bytes)")
   lines = (line for text in texts for line in text.splitlines() if line.strip())
@@ -180,7 +180,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_path: str, 
       sentence_iterator=lines, model_writer=proto, vocab_size=vocab_size,
       model_type=model_type, character_coverage=character_coverage, byte_fallback=True,
       unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
-      user_defined_symbols=list(SP_SPECIAL_TOKENS), split_digits=True,
+      user_defined_symbols=list(SP_RESERVED_TOKENS), split_digits=True,
       remove_extra_whitespaces=False, normalization_rule_name="identity",
       allow_whitespace_only_pieces=True, max_sentence_length=max_sentence_length,
       input_sentence_size=input_sentence_size, shuffle_input_sentence=True,

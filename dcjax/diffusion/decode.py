@@ -23,12 +23,12 @@ class ByteTokenizer(Tokenizer):
   """UTF-8 bytes are ids 0..255; then <|endoftext|> (eos and pad), <|im_start|>,
   <|im_end|>, <|mask|>, <|dlm_pad|>."""
 
-  SPECIALS = (EOS, IM_START, IM_END, MASK, DLM_PAD)
+  RESERVED_TOKENS = (EOS, IM_START, IM_END, MASK, DLM_PAD)
 
   def __init__(self):
-    self._special_ids = {tok: 256 + i for i, tok in enumerate(self.SPECIALS)}
+    self._special_ids = {tok: 256 + i for i, tok in enumerate(self.RESERVED_TOKENS)}
     self._special_tokens = {i: tok for tok, i in self._special_ids.items()}
-    self._split = re.compile("(" + "|".join(re.escape(t) for t in self.SPECIALS) + ")")
+    self._split = re.compile("(" + "|".join(re.escape(t) for t in self.RESERVED_TOKENS) + ")")
     self.eos_id = self.pad_id = self._special_ids[EOS]
     self.im_start_id = self._special_ids[IM_START]
     self.chat_end_id = self._special_ids[IM_END]
@@ -36,7 +36,7 @@ class ByteTokenizer(Tokenizer):
 
   @property
   def vocab_size(self) -> int:
-    return 256 + len(self.SPECIALS)
+    return 256 + len(self.RESERVED_TOKENS)
 
   def encode(self, text: str) -> list[int]:
     ids: list[int] = []

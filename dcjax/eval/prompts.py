@@ -24,7 +24,7 @@ USER_TEMPLATES = {
 }
 PROMPT_STYLES = ("instruct", "base")
 # Text after any of these is never part of the answer (Qwen2 / Dream special tokens).
-SPECIAL_STOPS = ("<|im_end|>", "<|endoftext|>", "<|dlm_pad|>", "<|im_start|>")
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|dlm_pad|>", "<|im_start|>")
 BASE_STOPS = {
     "humaneval": ("\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n```"),
     "mbpp": ("\nassert", '\n"""', "\nif __name__", "\nprint(", "\n```"),
@@ -59,7 +59,7 @@ def cut_at(text: str, stops) -> str:
 def completion_code(task: Task, completion: str, style: str) -> str:
   """The code part of a completion: up to a special token, then up to the closing fence
   (instruct) or the first stop word (base)."""
-  text = cut_at(completion, SPECIAL_STOPS)
+  text = cut_at(completion, STOP_TOKENS)
   if style == "instruct":
     return cut_at(text, ("```",))
   return cut_at(text, BASE_STOPS[task.family])
