@@ -4,10 +4,11 @@ Written from the published algorithm (docs/sampler.md): the canvas is the left-p
 plus mask tokens, positions `cumsum(keep) - 1` with pads at 1, an outer-product attention
 mask, `linspace(1, eps, steps + 1)` time steps, shifted logits, Dream's `sample_tokens`
 (temperature, top-p, top-k, softmax with the mask token included) and its four reveal rules.
-It differs from Dream in dcjax's two documented choices only: the proposed token is never the
-mask token (argmax / sample over the other tokens Dream's filters kept), and a position that
-is not masked is never written (Dream's batch-average count can pick one in a row with fewer
-masks and would write the mask token there).
+It differs from Dream in dcjax's documented choices only: the proposed token is never the
+mask token (argmax / sample over the other tokens Dream's filters kept), a position that is
+not masked is never written (Dream's batch-average count can pick one in a row with fewer
+masks and would write the mask token there), and exact ties in confidence go to the lower
+position (torch.topk leaves their order unspecified).
 """
 
 import numpy as np
@@ -100,8 +101,9 @@ def dream_generate(model, ids, keep, *, mask_id, max_new_tokens, steps, alg, tem
   """Dream's loop; `model(tokens, pair_mask [B, L, L] bool, positions)` -> [B, L, V] logits.
 
   Returns (canvas [B, P + N] numpy, reveal step per position (-1: never revealed), the
-  smallest gap between the k-th and (k+1)-th confidence of a row over the greedy top-k steps:
-  below float noise, Dream's own choice is a tie).
+  smallest non-zero gap between the k-th and (k+1)-th confidence of a row over the greedy
+  top-k steps: below float noise, the choice is a near-tie that rounding may decide either
+  way; exact ties go to the lower position, as in dcjax).
   """
   generator = torch.Generator().manual_seed(seed)
   x, pair, positions = canvas(ids, keep, mask_id, max_new_tokens)
@@ -132,11 +134,12 @@ def dream_generate(model, ids, keep, *, mask_id, max_new_tokens, steps, alg, tem
     if k <= 0:
       continue
     if alg_temp is None or alg_temp == 0:
-      top = torch.topk(confidence, min(k + 1, x.shape[1]))[0]
+      # Exact ties go to the lower position (dcjax's rule; torch.topk leaves it open).
+      top, order = torch.sort(confidence, dim=-1, descending=True, stable=True)
       if k < x.shape[1]:
         gaps = (top[:, k - 1] - top[:, k])[torch.isfinite(top[:, k])]
-        min_gap = min([min_gap] + gaps.tolist())
-      _, transfer_index = torch.topk(confidence, k)
+        min_gap = min([min_gap] + [g for g in gaps.tolist() if g > 0])
+      transfer_index = order[:, :k]
     else:
       weights = torch.softmax(confidence / alg_temp, dim=-1)
       transfer_index = torch.multinomial(weights, k, generator=generator)

@@ -53,7 +53,8 @@ def _prompts(rows=4, length=8, seed=0):
   return ids, keep
 
 
-TIE = 1e-5  # confidences closer than this are a tie under float noise
+TIE = 1e-5  # lockstep: confidences this close may be ranked either way by the two programs
+NEAR_TIE = 1e-7  # free-running: a k-th/(k+1)-th gap this small could flip on rounding
 
 
 @pytest.mark.slow
@@ -82,10 +83,11 @@ def test_greedy_equals_dream(tmp_path_factory, kind, alg, filters):
       others = (x[row].numpy() == MASK) & ~chosen[row]
       if chosen[row].any() and others.any():
         assert confidence[row, chosen[row]].min() >= confidence[row, others].max() - TIE, (i, row)
-  # Free-running: token-identical to Dream's loop unless Dream itself met a tie.
+  # Free-running: token-identical to Dream's loop unless it met a near-tie (exact ties go to
+  # the lower position in both).
   want, want_reveal, gap = dream_generate(forward, ids, keep, mask_id=MASK, max_new_tokens=N,
                                           steps=STEPS, alg=alg, **filters)
-  if gap > TIE:
+  if gap > NEAR_TIE:
     np.testing.assert_array_equal(tokens[:, p:], want[:, p:])
     np.testing.assert_array_equal(reveal[:, p:], want_reveal[:, p:])
 
