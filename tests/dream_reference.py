@@ -15,7 +15,9 @@ import numpy as np
 import torch
 
 
-def _filtered(logits, temperature, top_p, top_k):
+def filtered(logits, temperature, top_p, top_k):
+  """Dream's filters: logits / temperature (> 0), then top-p (the crossing token kept), then
+  top-k; removed entries get the float minimum."""
   if temperature > 0:
     logits = logits / temperature
   if top_p is not None and top_p < 1:
@@ -37,7 +39,7 @@ def sample_tokens(logits, mask_id, temperature=0.0, top_p=None, top_k=None, alg=
                   generator=None):
   """Dream's `sample_tokens` -> (confidence, token); the token is never `mask_id`."""
   tempered = logits / temperature if temperature > 0 else logits
-  logits = _filtered(logits, temperature, top_p, top_k)
+  logits = filtered(logits, temperature, top_p, top_k)
   probs = torch.softmax(logits, dim=-1)
   kept = probs > 0
   kept[..., mask_id] = False

@@ -7,26 +7,15 @@ import pytest
 import torch
 
 from dcjax.diffusion import proposals
+from tests.dream_reference import filtered
 
 
 def torch_sample_tokens(logits, temperature=0.0, top_p=None, top_k=None):
   """Dream's `sample_tokens` (docs/sampler.md) in torch: temperature, top-p (first crossing
   token kept), top-k, softmax; greedy proposal. Returns (filtered probs, token,
   {alg: confidence})."""
-  logits = torch.as_tensor(np.array(logits), dtype=torch.float32)
-  if temperature > 0:
-    logits = logits / temperature
-  if top_p is not None and top_p < 1:
-    sorted_logits, order = torch.sort(logits, descending=True)
-    cumulative = torch.cumsum(torch.softmax(sorted_logits, dim=-1), dim=-1)
-    remove = cumulative > top_p
-    remove[..., 1:] = remove[..., :-1].clone()
-    remove[..., 0] = False
-    mask = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, remove)
-    logits = logits.masked_fill(mask, torch.finfo(torch.float32).min)
-  if top_k is not None:
-    kth = torch.topk(logits, top_k)[0][..., -1:]
-    logits = logits.masked_fill(logits < kth, torch.finfo(torch.float32).min)
+  logits = filtered(torch.as_tensor(np.array(logits), dtype=torch.float32), temperature, top_p,
+                    top_k)
   probs = torch.softmax(logits, dim=-1)
   confidence, token = probs.max(dim=-1)
   top2 = torch.sort(probs, dim=-1, descending=True)[0]
