@@ -8,7 +8,6 @@ import signal
 import sysconfig
 
 import jax
-import numpy as np
 import pytest
 
 from dcjax.config import base_config, model_config
@@ -19,6 +18,7 @@ from dcjax.modes import train as loop
 from dcjax.train import optim, reporting
 from dcjax.train import state as state_lib
 from dcjax.train.train_config import add_train_sections
+from tests.trees import assert_trees_equal
 
 STEPS = 6
 
@@ -57,6 +57,7 @@ def straight(tmp_path_factory):
   return workdir, jax.device_get(result["state"].params), losses
 
 
+@pytest.mark.slow
 def test_resume_after_sigterm_is_bit_identical(straight, tmp_path):
   _, params, losses = straight
   # The signal lands while step 3's metrics are read, one step late: it stops after step 4.
@@ -69,8 +70,7 @@ def test_resume_after_sigterm_is_bit_identical(straight, tmp_path):
   # Same batches in the same order and the same masks: identical losses and parameters.
   for step in range(stop + 1, STEPS + 1):
     assert second_losses[step] == losses[step]
-  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(jax.device_get(second["state"].params))):
-    np.testing.assert_array_equal(a, b)
+  assert_trees_equal(jax.device_get(second["state"].params), params)
 
 
 def _abstract(config, mesh):
@@ -82,6 +82,7 @@ def _abstract(config, mesh):
   return mc, state_lib.with_shardings(abstract, shardings)
 
 
+@pytest.mark.slow
 def test_restore_into_other_meshes(straight):
   workdir, params, _ = straight
   config = _config()
@@ -94,10 +95,10 @@ def test_restore_into_other_meshes(straight):
     assert int(state.step) == STEPS
     leaf = state.params["layers"]["mlp"]["gate_proj"]["kernel"]
     assert leaf.sharding == target.params["layers"]["mlp"]["gate_proj"]["kernel"].sharding
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(jax.device_get(state.params))):
-      np.testing.assert_array_equal(a, b)
+    assert_trees_equal(jax.device_get(state.params), params)
 
 
+@pytest.mark.slow
 def test_incompatible_and_corrupt_checkpoints_say_which(straight, tmp_path):
   workdir, _, _ = straight
   config = _config()

@@ -22,6 +22,7 @@ from dcjax.train import checkpoint as ckpt_lib
 from dcjax.modes import train as loop
 from dcjax.train import integrity
 from tests.test_checkpoint import _config as loop_config
+from tests.trees import assert_trees_equal
 
 # ---- the fingerprint, against its definition ---------------------------------------------
 
@@ -61,6 +62,7 @@ def _state(seed: int, mesh=None):
               n=jnp.int32(seed), m=jnp.array([True, False, seed % 2 == 0]))
 
 
+@pytest.mark.slow
 def test_fingerprint_matches_numpy_reference_on_any_sharding():
   state = _state(1)
   expected = {f"['{k}']": _reference(np.asarray(v)) for k, v in state.items()}
@@ -107,17 +109,12 @@ def _flip_4k(path: pathlib.Path) -> None:
   path.write_bytes(bytes(data))
 
 
-def _assert_equal(a, b):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
 def test_corrupt_newest_checkpoint_is_reported_skipped_and_moved_aside(tmp_path):
   ckpt, logs = _saved(tmp_path, [1, 2], keep=2)
   _flip_4k(_largest_file(tmp_path / "2" / "state"))
   step, state = ckpt.restore_latest(_abstract(_state(0, _mesh())), None, {})
   assert step == 1
-  _assert_equal(state, _state(1))
+  assert_trees_equal(state, _state(1))
   assert state["w"].sharding == _state(0, _mesh())["w"].sharding
   # Random floats do not compress: zstd stores them raw, the flipped block reads back without
   # an error, and only the fingerprint tells (what the issue saw: a silent restore).
@@ -216,6 +213,7 @@ def test_failed_background_save_is_one_line_naming_path_space_and_kept_step(tmp_
   assert [p for p in sorted(os.listdir(tmp_path)) if ".orbax-checkpoint-tmp" not in p] == ["2"]
 
 
+@pytest.mark.slow
 def test_train_loop_stops_at_the_first_failed_save(tmp_path, monkeypatch):
   config = loop_config()
   config.train.steps, config.checkpoint.interval = 12, 4
@@ -243,6 +241,7 @@ def test_train_loop_stops_at_the_first_failed_save(tmp_path, monkeypatch):
   assert not [p for p in os.listdir(tmp_path / "checkpoints") if p.isdigit()]
 
 
+@pytest.mark.slow
 def test_train_loop_resumes_from_the_last_good_checkpoint(tmp_path, capsys):
   # The issue's case: `steps` one past the corrupt checkpoint (step 4), keep=2.
   config = loop_config()

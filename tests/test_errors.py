@@ -156,6 +156,7 @@ def test_seq_len_beyond_positions_fails_validation():
     config_lib.validate(config)
 
 
+@pytest.mark.slow
 def test_seq_len_beyond_a_checkpoints_positions_names_its_config_json(tmp_path):
   from dcjax.data import tokenizer as tokenizer_lib
   from dcjax.model import hf

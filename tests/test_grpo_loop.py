@@ -12,6 +12,7 @@ from dcjax import config as config_lib
 from dcjax.parallel.mesh import make_mesh
 from dcjax.modes import grpo as loop
 from dcjax.rl.reward_worker import RewardResult
+from tests.trees import assert_trees_equal
 
 
 def tiny(workdir_steps=2):
@@ -32,6 +33,7 @@ def reward_fn(host, tasks):
   return RewardResult(total=frac, per_name={"nines": frac})
 
 
+@pytest.mark.slow
 def test_loop_metrics_checkpoint_and_resume(tmp_path):
   workdir = str(tmp_path)
   mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
@@ -51,8 +53,7 @@ def test_loop_metrics_checkpoint_and_resume(tmp_path):
   # A rerun restores the last checkpoint (nothing left to do): same state, same data position.
   second = loop.train_grpo(c, workdir, reward_fn=reward_fn, mesh=mesh)
   assert second["history"] == []
-  for a, b in zip(jax.tree.leaves(first["state"]), jax.tree.leaves(second["state"])):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert_trees_equal(second["state"], first["state"])
   np.testing.assert_array_equal(next(first["iterator"])["index"],
                                 next(second["iterator"])["index"])
 

@@ -144,6 +144,7 @@ def _crash():
   raise _Crash()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,signal_name", [("pretrain", "SIGINT"), ("sft", "SIGTERM")])
 def test_stopped_and_resumed_run_equals_an_uninterrupted_one(kind, signal_name, tokenizer_path,
                                                              tmp_path):

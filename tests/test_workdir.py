@@ -85,6 +85,7 @@ def _steps(path):
   return [json.loads(line)["step"] for line in open(path) if "train/loss" in line]
 
 
+@pytest.mark.slow
 def test_preempted_run_resumes_on_a_fresh_vm(tmp_path):
   bucket = tmp_path / "bucket"
   first = workdir_lib.Workdir(root=str(bucket), local=str(tmp_path / "vm1"), mirrored=True)
