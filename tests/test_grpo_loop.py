@@ -50,8 +50,13 @@ def test_loop_metrics_checkpoint_and_resume(tmp_path):
               "reward_s", "update_s", "rollout_share", "update_share"):
     assert np.isfinite(records[-1][f"grpo/{key}"]), key
 
-  # A rerun restores the last checkpoint (nothing left to do): same state, same data position.
+  # A rerun restores the last checkpoint (nothing left to do): same state, same data position;
+  # a record a crashed run wrote past that checkpoint is dropped, not kept twice.
+  with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+    f.write(json.dumps({"step": 3, "grpo/reward": 0.0}) + "\n")
   second = loop.train_grpo(c, workdir, reward_fn=reward_fn, mesh=mesh)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    assert [json.loads(line)["step"] for line in f] == [1, 2]
   assert second["history"] == []
   assert_trees_equal(second["state"], first["state"])
   np.testing.assert_array_equal(next(first["iterator"])["index"],

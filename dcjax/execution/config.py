@@ -7,6 +7,15 @@ import math
 import os
 import sys
 
+from dcjax.execution.private_tmp import covered_dirs
+
+
+def default_python() -> str:
+  """`sys.executable`, or its resolved target when a private tmpfs would hide it."""
+  hidden = any(sys.executable == d or sys.executable.startswith(d.rstrip("/") + "/")
+               for d in covered_dirs())
+  return os.path.realpath(sys.executable) if hidden else sys.executable
+
 
 def host_cpus() -> int:
   """CPUs this process may run on (the affinity mask where the OS has one)."""
@@ -40,7 +49,10 @@ class SandboxConfig:
       None means twice `workers`.
     drop_privileges: run programs as `sandbox_user`. None means "when running as root".
     sandbox_user: user name or numeric uid that programs run as when privileges are dropped.
-    python: interpreter that runs the programs (started with `-I`).
+    python: interpreter that runs the programs (started with `-I`). The default is this
+      process's interpreter; when that lies under a directory the program's private tmpfs
+      covers (a virtual environment under /tmp), the real interpreter it links to, since
+      the tmpfs would hide it (the programs then see the base installation's packages).
   """
 
   timeout_s: float = 10.0
@@ -55,7 +67,7 @@ class SandboxConfig:
   queue_size: int | None = None
   drop_privileges: bool | None = None
   sandbox_user: str = "nobody"
-  python: str = sys.executable
+  python: str = dataclasses.field(default_factory=lambda: default_python())
 
   def validate(self) -> "SandboxConfig":
     """Returns self, or raises ValueError naming the first bad field."""

@@ -159,7 +159,9 @@ def train_grpo(config, workdir: "str | workdir_lib.Workdir", *, reward_fn=None, 
   reward_fn = reward_fn or TextReward(tok, dict(r.reward_weights), timeout_s=r.reward_timeout_s,
                                       workers=int(r.reward_workers) or None)
   icfg = iteration_config(config, tok.chat_end_id)
-  writer = metrics_lib.MetricWriter(wd.local, enabled=jax.process_index() == 0)
+  # Records past the restored step belong to a run that died before saving them: dropped.
+  writer = metrics_lib.MetricWriter(wd.local, enabled=jax.process_index() == 0,
+                                    start_step=start_iter)
   result = dict(stopped="completed", history=[], tokenizer=tok, model_config=model_config,
                 checkpoint_dir=ckpt.directory)
   root = jax.random.wrap_key_data(jax.device_get(state.rng))
