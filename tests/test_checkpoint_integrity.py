@@ -6,6 +6,7 @@ stops the run at once with one line."""
 import errno
 import os
 import pathlib
+import re
 import shutil
 import threading
 import time
@@ -116,13 +117,17 @@ def test_corrupt_newest_checkpoint_is_reported_skipped_and_moved_aside(tmp_path)
   assert step == 1
   assert_trees_equal(state, _state(1))
   assert state["w"].sharding == _state(0, _mesh())["w"].sharding
-  # Random floats do not compress: zstd stores them raw, the flipped block reads back without
-  # an error, and only the fingerprint tells (what the issue saw: a silent restore).
-  assert logs == [
-      f"warning: checkpoint step 2 in {tmp_path}/2 is corrupt: item state, array ['w']: its "
-      "data does not match the fingerprint recorded when it was saved (1 of 4 arrays differ); "
-      "skipping it",
-      f"moved corrupt checkpoint step 2 to {tmp_path}/2.corrupt"]
+  # Random floats do not compress: zstd mostly stores them raw, the flipped block reads back
+  # without an error, and only the fingerprint tells (what the issue saw: a silent restore).
+  # Where the block lands on a compressed frame's header instead, the read itself fails;
+  # either way the step is reported in one line and skipped. (The fingerprint message is
+  # pinned down exactly by the next test.)
+  assert len(logs) == 2 and logs[1] == f"moved corrupt checkpoint step 2 to {tmp_path}/2.corrupt"
+  assert re.fullmatch(
+      rf"warning: checkpoint step 2 in {re.escape(str(tmp_path))}/2 is corrupt: item state"
+      r"(, array \['w'\]: its data does not match the fingerprint recorded when it was saved "
+      r"\(1 of 4 arrays differ\)| cannot be read: \S+Error: .+); skipping it", logs[0]), logs[0]
+  assert "\n" not in logs[0]
   assert sorted(os.listdir(tmp_path)) == ["1", "2.corrupt"]
   # The run goes on from step 1: step 2 is written again, retention keeps the newest two.
   for s in (2, 3):
