@@ -10,27 +10,21 @@ import sysconfig
 import jax
 import pytest
 
-from dcjax.config import base_config, model_config
+from dcjax.config import model_config
 from dcjax.parallel import mesh as mesh_lib
 from dcjax import model as model_lib
 from dcjax.train import checkpoint as ckpt_lib
 from dcjax.modes import train as loop
 from dcjax.train import optim, reporting
 from dcjax.train import state as state_lib
-from dcjax.train.train_config import add_train_sections
+from tests.tiny_train import tiny_train_config
 from tests.trees import assert_trees_equal
 
 STEPS = 6
 
 
 def _config():
-  c = add_train_sections(base_config())
-  c.model.update(dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=1,
-                      num_heads=2, num_kv_heads=1, head_dim=16, rope_theta=10_000.0,
-                      mask_token_id=4, pad_token_id=1, eos_token_id=1))
-  c.train.update(dict(steps=STEPS, batch_size=8, lr=1e-2, warmup_steps=1, log_every=1,
-                      eval_batches=0, sample_new_tokens=0))
-  c.train.loss.truncate_prob = 0.0  # no attention mask: a smaller program to compile
+  c = tiny_train_config(STEPS)
   c.data.update(dict(stdlib_root=os.path.join(sysconfig.get_paths()["stdlib"], "json"),
                      eval_docs=1, seq_len=32, shuffle_window=16, tokenizer_vocab_size=512,
                      tokenizer_train_chars=200_000))

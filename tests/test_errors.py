@@ -3,6 +3,7 @@ corpus with no text, a sequence longer than the model's positions (issue 17, sec
 
 import json
 import os
+import re
 import sysconfig
 
 import jax
@@ -144,12 +145,16 @@ def test_eval_batches_without_held_out_records_is_refused():
 # ----------------------------------------------------------------------------- positions
 
 
+def _too_long(seq_len: int, positions: int, source: str) -> str:
+  """The message (a regex) for a seq_len beyond the model's positions, read from `source`."""
+  return re.escape(f"config.data.seq_len = {seq_len} positions, more than the model's "
+                   f"max_position_embeddings={positions} ({source})")
+
+
 def test_seq_len_beyond_positions_fails_validation():
   config = tiny.get_config()
   config.data.seq_len = 2048
-  with pytest.raises(ConfigError, match=r"config.data.seq_len = 2048 positions, more than "
-                                             r"the model's max_position_embeddings=1024 "
-                                             r"\(config.model\)"):
+  with pytest.raises(ConfigError, match=_too_long(2048, 1024, "config.model")):
     config_lib.validate(config)
   config.model.max_position_embeddings = 0
   with pytest.raises(config_lib.ConfigError, match="max_position_embeddings=0 must be"):
@@ -173,9 +178,7 @@ def test_seq_len_beyond_a_checkpoints_positions_names_its_config_json(tmp_path):
   config.train.update(dict(eval_batches=0, sample_new_tokens=0))
   config.data.update(dict(stdlib_root=JSON_DIR, eval_docs=1, seq_len=128, tokenizer=tok_path))
   config_lib.validate(config)  # the checkpoint's positions are not known yet
-  with pytest.raises(ConfigError, match=rf"config.data.seq_len = 128 positions, more than "
-                                             rf"the model's max_position_embeddings=64 "
-                                             rf"\({tmp_path}/hf/config.json\)"):
+  with pytest.raises(ConfigError, match=_too_long(128, 64, f"{tmp_path}/hf/config.json")):
     loop.train(config, str(tmp_path / "run"))
 
 

@@ -11,13 +11,12 @@ import grain
 import numpy as np
 import pytest
 
-from dcjax.config import base_config
 from dcjax.data import pipeline
 from dcjax.data import tokenizer as tokenizer_lib
 from dcjax.modes import train as loop
 from dcjax.train import metrics, preemption
-from dcjax.train.train_config import add_train_sections
 from tests.test_data import CharTokenizer
+from tests.tiny_train import tiny_train_config
 
 JSON_DIR = os.path.join(sysconfig.get_paths()["stdlib"], "json")
 STEPS, INTERVAL = 8, 4
@@ -80,13 +79,7 @@ def _sft_records(path):
 
 
 def _config(kind, tokenizer_path, tmp_path):
-  c = add_train_sections(base_config())
-  c.model.update(dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=1,
-                      num_heads=2, num_kv_heads=1, head_dim=16, rope_theta=10_000.0,
-                      mask_token_id=4, pad_token_id=1, eos_token_id=1))
-  c.train.update(dict(steps=STEPS, batch_size=8, lr=1e-2, warmup_steps=1, log_every=1,
-                      eval_batches=0, sample_new_tokens=0))
-  c.train.loss.truncate_prob = 0.0
+  c = tiny_train_config(STEPS)
   # 64 rows = 8 steps per shuffle window: the resumes below restore window 0, whose saved
   # packing state is the first one, with no leftover piece (the case JSON used to break).
   c.data.update(dict(kind=kind, eval_docs=1, seq_len=32, shuffle_window=64,
