@@ -18,9 +18,12 @@ The paper trains 65B tokens in this stage; 256 x 4096 tokens per step gives ~62k
 Learning rate, warmup and annealing length are not given in the paper: the values here are
 starting points, and this config has not been run at scale (no TPU in the development
 environment). Logs every 10 steps: loss, masked-token accuracy, tokens/s, MFU (TPU data-sheet
-peak); held-out ELBO every 1000 steps. The attention is the plain XLA one, so the batch is
-accumulated over 4 micro-batches of 64 rows (one or two 4096-token rows per chip on 64 / 32
-chips) to keep the [L, L] scores in memory; a splash-attention kernel would lift that.
+peak); held-out ELBO every 1000 steps. The batch is accumulated over 4 micro-batches of 64
+rows (two 4096-token rows per chip per micro-batch on 32 chips). While the attention mask is
+annealed it is a dense pattern, so the attention runs blockwise (docs/attention.md). What the
+compiled step needs per chip (BUILD.md, "Memory per chip"):
+  python -m dcjax.main --config configs/diffucoder_7b_adapt.py --config.mode=compile \\
+      --config.compile_topology=v5p-64
 """
 
 from configs import diffucoder_7b

@@ -22,6 +22,7 @@ Expect the mean reward to rise over the first few hundred iterations and EvalPlu
 from the Instruct model's 63.6 toward the cpGRPO model's 67.9 (docs/evaluation.md).
 """
 
+from configs import diffucoder_7b
 from dcjax.config import base_config
 from dcjax.rl.grpo_config import add_grpo_sections
 
@@ -30,8 +31,11 @@ def get_config():
   c = add_grpo_sections(base_config())
   c.hf_dir = ""  # set --config.hf_dir=/path/to/DiffuCoder-7B-Instruct
   c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
-  # Runtime fields applied on top of the checkpoint's config.json.
-  c.model.update(dict(dtype="bfloat16", param_dtype="float32", remat_policy="full"))
+  # DiffuCoder-7B's architecture (what mode=compile builds; a run reads hf_dir's config.json)
+  # and the runtime fields applied on top of the checkpoint's config.json.
+  c.model = diffucoder_7b.get_config().model
+  c.model.update(dict(dtype="bfloat16", param_dtype="float32", remat_policy="full",
+                      attention_impl="splash", logits_chunk=256))
   c.rl.update(dict(
       steps=2600, num_prompts=8, num_generations=10, num_iterations=2, micro_batches=1,
       epsilon_low=0.5, epsilon_high=0.5, beta=0.01, advantage="mean", scale_rewards=False,

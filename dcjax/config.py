@@ -28,6 +28,7 @@ MODES = {
     "sample": "dcjax.modes.sample:run",
     "eval": "dcjax.modes.eval:run",
     "grpo": "dcjax.modes.grpo:run",
+    "compile": "dcjax.modes.compile:run",
 }
 
 
@@ -93,6 +94,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed = ml_collections.ConfigDict(
       {"coordinator_address": "", "num_processes": 0, "process_id": -1})
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  # mode=compile (docs/compile.md): compile this config's programs for a TPU slice on any host.
+  c.compile_topology = ""       # gcloud name: v4-N, v5p-N, v5litepod-N, v6e-N
+  c.compile_num_slices = 1
+  c.compile_prompt_len = 512    # prompt width the sample / eval sampler is compiled for
+  c.compile_hbm_fraction = 0.9  # a program "fits" when its peak is at most this share of HBM
   c.model = ml_collections.ConfigDict(ModelConfig(
       vocab_size=1, hidden_size=1, intermediate_size=1, num_layers=1, num_heads=1,
       num_kv_heads=1, head_dim=2).to_dict())

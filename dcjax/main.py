@@ -15,14 +15,21 @@ from dcjax.parallel import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
-flags.mark_flags_as_required(["config", "workdir"])
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs "
+                               "(required by every mode but compile).")
+flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
   del argv
   config = _CONFIG.value
   config_lib.validate(config)
+  if config.mode == "compile":  # one process, any host; nothing is written (docs/compile.md)
+    from dcjax.modes import compile as compile_mode
+    compile_mode.run(config, flags.FLAGS["config"].config_filename)
+    return
+  if _WORKDIR.value is None:
+    raise app.UsageError(f"--workdir is required for mode={config.mode!r}")
   distributed.initialize(config)
   logging.info("process %d/%d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())

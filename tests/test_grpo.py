@@ -8,6 +8,7 @@ import pytest
 
 from dcjax.config import ConfigError, base_config
 from dcjax.diffusion import sampler_config
+from dcjax.model import ModelConfig
 from dcjax.rl import advantages as adv_lib
 from dcjax.rl import grpo_config, logprobs, prompts, synthetic
 from dcjax.rl import loss as loss_lib
@@ -46,12 +47,23 @@ def np_lp(logits_BxLxV, tokens_BxL):
   return np.take_along_axis(logp, tgt[..., None], -1)[..., 0]
 
 
+# The fake "hidden states" are the fake logits and the LM head is the identity; the head runs
+# in chunks of 2 of the N = 6 completion positions (model.head).
+HEAD_CONFIG = ModelConfig(vocab_size=V, hidden_size=V, intermediate_size=4, num_layers=1,
+                          num_heads=1, num_kv_heads=1, head_dim=2, logits_chunk=2)
+
+
+def fake_params(scale=1.0):
+  return {"scale": jnp.float32(scale), "lm_head": {"kernel": jnp.eye(V, dtype=jnp.float32)}}
+
+
 def run_estimator(monkeypatch, seq, cfg, key=jax.random.key(3)):
   calls = []
-  monkeypatch.setattr(logprobs.model_lib, "apply", fake_apply_factory(calls))
+  monkeypatch.setattr(logprobs.model_lib, "hidden", fake_apply_factory(calls))
   noise = logprobs.draw_noise(key, B, N, cfg)
-  params = {"scale": jnp.float32(1.0)}
-  logp, ent = logprobs.per_token_logps(None, params, seq, noise, cfg, MASK, with_entropy=True)
+  params = fake_params()
+  logp, ent = logprobs.per_token_logps(HEAD_CONFIG, params, seq, noise, cfg, MASK,
+                                       with_entropy=True)
   return calls, noise, np.asarray(logp), ent, params
 
 
@@ -130,10 +142,10 @@ def test_same_key_same_estimate_other_key_differs(monkeypatch, seq):
 
 def test_attention_mask_option_passes_keep_mask(monkeypatch, seq):
   calls = []
-  monkeypatch.setattr(logprobs.model_lib, "apply", fake_apply_factory(calls))
+  monkeypatch.setattr(logprobs.model_lib, "hidden", fake_apply_factory(calls))
   cfg = logprobs.EstimatorConfig("full", attention_mask=True)
   keep = jnp.ones((B, P + N), bool).at[0, 0].set(False)
-  logprobs.per_token_logps(None, {"scale": 1.0}, seq,
+  logprobs.per_token_logps(HEAD_CONFIG, fake_params(), seq,
                            logprobs.draw_noise(jax.random.key(0), B, N, cfg), cfg, MASK,
                            keep_BxL=keep)
   np.testing.assert_array_equal(np.asarray(calls[0][1]), np.asarray(keep))

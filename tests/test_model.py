@@ -21,8 +21,10 @@ def test_padding_positions_and_mask_follow_dream():
   keep = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
   mask, positions = mask_and_positions(tokens, keep)
   np.testing.assert_array_equal(positions, [[1, 1, 0, 1, 2], [0, 1, 2, 3, 4]])
+  mask = np.asarray(model_lib.masks.dense(mask))
   assert mask.shape == (2, 5, 5)
-  assert not mask[0, 0].any() and not mask[0, :, 1].any()
+  # Real tokens see exactly the real tokens; pads see only pads (never a real token).
+  assert not mask[0, 2:, :2].any() and not mask[0, :2, 2:].any()
   assert mask[0, 2:, 2:].all() and mask[1].all()
   with pytest.raises(ValueError, match=r"attention_mask has shape \(5,\)"):
     mask_and_positions(tokens, np.ones(5))
@@ -115,3 +117,24 @@ def test_dot_product_attention_impl_matches_xla():
   dpa = np.asarray(model_lib.apply(dataclasses.replace(TINY, attention_impl="dot_product_attention"),
                                    params, tokens, attention_mask=keep))
   np.testing.assert_allclose(dpa[keep.astype(bool)], xla[keep.astype(bool)], atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["blockwise", "splash"])  # splash falls back below 128 tokens
+def test_memory_efficient_impls_match_xla_in_the_model(impl):
+  """The whole model, loss gradients included, under a keep-mask (segments) and a dense mask."""
+  import dataclasses
+  params = model_lib.init_params(TINY, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 64)
+  keep = np.array([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8])
+  dense = np.asarray(jax.random.bernoulli(jax.random.key(2), 0.6, (2, 8, 8)))
+  dense |= np.eye(8, dtype=bool)
+  other = dataclasses.replace(TINY, attention_impl=impl, remat_policy="full")
+  real = keep.astype(bool)
+  for mask, rows in ((keep, real), (dense, np.ones_like(real))):
+    def loss(p, config):
+      logits = model_lib.apply(config, p, tokens, attention_mask=mask)
+      return jnp.sum(jnp.where(rows[..., None], logits, 0.0) ** 2), logits
+    (_, want), want_g = jax.value_and_grad(loss, has_aux=True)(params, TINY)
+    (_, got), got_g = jax.value_and_grad(loss, has_aux=True)(params, other)
+    np.testing.assert_allclose(np.asarray(got)[rows], np.asarray(want)[rows], atol=2e-5)
+    assert_trees_close(got_g, want_g, rtol=1e-4, atol=1e-5)

@@ -148,8 +148,9 @@ def test_collecting_forward_equals_model_apply(params, prompts, variant):
 
   @jax.jit
   def collecting(p, t, k):  # the sampler's refresh pass: K/V kept, logits of one window
-    cache, logits = model_lib.forward(config, p, t, keep_positions(k), pair_mask(k, k),
-                                      collect_kv=True, logits_start=3, logits_length=12)
+    cache, logits = model_lib.forward(config, p, t, keep_positions(k),
+                                      model_lib.masks.keep_segments(k), collect_kv=True,
+                                      logits_start=3, logits_length=12)
     return cache, logits
 
   cache, got = collecting(params, tokens, keep_l)

@@ -20,6 +20,7 @@ import optax
 
 from dcjax.diffusion import cart as cart_lib
 from dcjax.diffusion import forward_process as fp
+from dcjax.model import head, masks
 
 NORMALISERS = ("token", "llada")
 WEIGHTINGS = ("inverse_t", "cart")
@@ -92,24 +93,37 @@ def model_inputs(prepared: dict, anneal_LxL, cfg: LossConfig):
   """(attention_mask or None, positions or None) for `dcjax.model.apply`."""
   if not cfg.needs_attention_mask:
     return None, None
-  keep_BxL = prepared["keep"]
-  mask_BxLxL = keep_BxL[:, :, None] & keep_BxL[:, None, :]
-  if cfg.document_mask:
-    mask_BxLxL = mask_BxLxL & fp.document_attention_mask(prepared["segment_ids"])
-  if anneal_LxL is not None:
-    mask_BxLxL = mask_BxLxL & anneal_LxL[None]
+  # Real tokens see the real tokens of their own document (segments, which every attention
+  # kernel takes); the annealed mask is a dense pattern on top (docs/attention.md).
+  segments = masks.keep_segments(prepared["keep"],
+                                 prepared["segment_ids"] if cfg.document_mask else None)
+  mask = segments if anneal_LxL is None else masks.dense(segments) & anneal_LxL[None]
   positions_BxL = prepared["positions"] if cfg.document_mask else None
-  return mask_BxLxL, positions_BxL
+  return mask, positions_BxL
 
 
 def loss_sums(logits_BxLxV, prepared: dict) -> dict:
   """Sums over the batch's targets: weighted CE, plain CE, correct argmaxes, target count."""
   logits_BxMxV = logits_BxLxV[:, :-1].astype(jnp.float32)   # M = L - 1
   labels_BxM = prepared["tokens"][:, 1:]
-  target_BxM = prepared["target"][:, 1:]
   ce_BxM = optax.softmax_cross_entropy_with_integer_labels(logits_BxMxV, labels_BxM)
+  return _sums(ce_BxM, jnp.argmax(logits_BxMxV, axis=-1) == labels_BxM, prepared)
+
+
+def hidden_loss_sums(model_config, params, hidden_BxLxD, prepared: dict) -> dict:
+  """`loss_sums` from the final-norm hidden states, the LM head applied in chunks of
+  `model_config.logits_chunk` positions (`dcjax.model.head`): the same sums without
+  [B, L, V] fp32 logits. Every position is scored (labels rolled by one, the last
+  position's wrapped label never a target) so the chunks divide L."""
+  labels_BxL = jnp.roll(prepared["tokens"], -1, axis=1)
+  stats = head.token_logps(model_config, params, hidden_BxLxD, labels_BxL)
+  return _sums(-stats["logp"][:, :-1], stats["hit"][:, :-1], prepared)
+
+
+def _sums(ce_BxM, hit_BxM, prepared: dict) -> dict:
+  target_BxM = prepared["target"][:, 1:]
   ce_BxM = jnp.where(target_BxM, ce_BxM, 0.0)
-  correct_BxM = target_BxM & (jnp.argmax(logits_BxMxV, axis=-1) == labels_BxM)
+  correct_BxM = target_BxM & hit_BxM
   return dict(
       loss_sum=jnp.sum(ce_BxM * prepared["weight"][:, 1:]),
       ce_sum=jnp.sum(ce_BxM),

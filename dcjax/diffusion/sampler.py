@@ -137,10 +137,45 @@ def generate(config: Any, params, prompt_ids_BxP, prompt_mask_BxP=None, *, max_n
       logical sharding rules inside (B must divide evenly).
   """
   c = as_model_config(config)
+  prompt_ids_BxP, prompt_mask_BxP = check_prompts(prompt_ids_BxP, prompt_mask_BxP)
+  static, arrays, scalars, rng = _program_inputs(
+      c, prompt_ids_BxP.shape, max_new_tokens=max_new_tokens, steps=steps, alg=alg,
+      temperature=temperature, top_p=top_p, top_k=top_k, alg_temp=alg_temp, eps=eps,
+      block_length=block_length, threshold=threshold, cache=cache,
+      cache_refresh_every=cache_refresh_every, rng=rng, return_history=return_history,
+      mesh=mesh)
+  if mesh is not None:
+    batch = NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
+    prompt_ids_BxP = jax.device_put(prompt_ids_BxP, batch)
+    prompt_mask_BxP = jax.device_put(prompt_mask_BxP, batch)
+    with jax.set_mesh(mesh):
+      return _compiled(static)(params, prompt_ids_BxP, prompt_mask_BxP, rng, arrays, scalars)
+  return _compiled(static)(params, prompt_ids_BxP, prompt_mask_BxP, rng, arrays, scalars)
+
+
+def lower(config: Any, abstract_params, batch: int, prompt_len: int, *, mesh: Mesh, **options):
+  """The compiled-to-be program `generate` runs for [batch, prompt_len] prompts on `mesh`,
+  lowered from abstract parameters (ShapeDtypeStructs with shardings): the compile mode's
+  view of the sampler (docs/compile.md). `options` are `generate`'s keyword arguments."""
+  c = as_model_config(config)
+  options.setdefault("rng", jax.random.key(0))
+  static, arrays, scalars, rng = _program_inputs(c, (batch, prompt_len), mesh=mesh, **options)
+  sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
+  ids = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=sharding)
+  keep = jax.ShapeDtypeStruct((batch, prompt_len), jnp.bool_, sharding=sharding)
+  with jax.set_mesh(mesh):
+    return _compiled(static).lower(abstract_params, ids, keep, rng, arrays, scalars)
+
+
+def _program_inputs(c, shape, *, max_new_tokens: int, steps: int, alg: str,
+                    temperature: float = 0.0, top_p=None, top_k=None, alg_temp=None,
+                    eps: float = 1e-3, block_length=None, threshold=None, cache=None,
+                    cache_refresh_every: int = 0, rng=None, return_history: bool = False,
+                    mesh=None):
+  """(static settings, schedule arrays, option scalars, rng) of one `generate` call."""
+  b, p = shape
   if c.mask_token_id is None:
     raise ValueError("config.mask_token_id is None: the sampler needs the mask token id")
-  prompt_ids_BxP, prompt_mask_BxP = check_prompts(prompt_ids_BxP, prompt_mask_BxP)
-  b, p = prompt_ids_BxP.shape
   c.check_positions(p + int(max_new_tokens),  # the canvas: padded prompt width + completion
                     f"a {p}-token prompt + max_new_tokens={max_new_tokens}")
   check_options(alg, temperature, top_p, top_k, alg_temp, threshold, cache, cache_refresh_every)
@@ -172,13 +207,7 @@ def generate(config: Any, params, prompt_ids_BxP, prompt_mask_BxP=None, *, max_n
                         alg_temp if use_alg_temp else 1.0,
                         threshold if threshold is not None else 1.0], np.float32)
   arrays = (sched.block_of_step, sched.reveal_count, sched.transfer_prob, sched.refresh)
-  if mesh is not None:
-    batch = NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
-    prompt_ids_BxP = jax.device_put(prompt_ids_BxP, batch)
-    prompt_mask_BxP = jax.device_put(prompt_mask_BxP, batch)
-    with jax.set_mesh(mesh):
-      return _compiled(static)(params, prompt_ids_BxP, prompt_mask_BxP, rng, arrays, scalars)
-  return _compiled(static)(params, prompt_ids_BxP, prompt_mask_BxP, rng, arrays, scalars)
+  return static, arrays, scalars, rng
 
 
 @functools.lru_cache(maxsize=64)
@@ -341,7 +370,7 @@ class _Program:
     def full(cache):
       new_cache, logits = model_lib.forward(
           c, self.params, state["canvas"], self.positions_BxL,
-          model_lib.pair_mask(self.keep_BxL, self.keep_BxL), collect_kv=cache is not None,
+          model_lib.masks.keep_segments(self.keep_BxL), collect_kv=cache is not None,
           logits_start=start - 1, logits_length=bl)
       return logits, new_cache
 
@@ -356,7 +385,8 @@ class _Program:
       sl = lambda x: jax.lax.dynamic_slice_in_dim(x, start - 1, width, axis=1)
       return model_lib.forward(
           c, self.params, sl(state["canvas"]), sl(self.positions_BxL),
-          model_lib.pair_mask(sl(self.keep_BxL), self.keep_BxL), cache=cache,
+          model_lib.masks.Segments(sl(self.keep_BxL).astype(jnp.int32),
+                                   self.keep_BxL.astype(jnp.int32)), cache=cache,
           cache_start=start - 1, collect_kv=True, logits_length=bl)[::-1]
 
     logits, state["cache"] = jax.lax.cond(refresh, full, windowed, state["cache"])

@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 
 from dcjax.model.config import ModelConfig
+from dcjax.model import head, masks
 from dcjax.model.attention import KVCache
 from dcjax.model.params import abstract_params, init_params, logical_specs, param_shardings
 from dcjax.model.transformer import Transformer, keep_positions, mask_and_positions, pair_mask
@@ -30,21 +31,29 @@ def apply(config, params, tokens_BxL, attention_mask=None, positions=None, *,
           rules=LOGICAL_AXIS_RULES):
   """Runs the model; returns unshifted logits [B, L, V] in the compute dtype.
 
-  `attention_mask` is None (all visible), a [B, L] keep-mask for left-padded rows, or a
-  [B, L, L] boolean mask. Positions default to Dream's rule (docs/model.md). Activation sharding
-  constraints take effect under `jax.set_mesh(mesh)`.
+  `attention_mask` is None (all visible), a [B, L] keep-mask for left-padded rows,
+  `masks.Segments`, or a [B, L, L] boolean mask. Positions default to Dream's rule
+  (docs/model.md). Activation sharding constraints take effect under `jax.set_mesh(mesh)`.
   """
   return _apply(as_model_config(config), params, tokens_BxL, attention_mask, positions,
-                rules=tuple(rules))
+                rules=tuple(rules), head=True)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "rules"))
-def _apply(config, params, tokens_BxL, attention_mask, positions, *, rules):
+def hidden(config, params, tokens_BxL, attention_mask=None, positions=None, *,
+           rules=LOGICAL_AXIS_RULES):
+  """As `apply`, but returns the final-norm hidden states [B, L, D] instead of logits: the
+  losses feed them to `head.token_logps`, which applies the LM head in chunks."""
+  return _apply(as_model_config(config), params, tokens_BxL, attention_mask, positions,
+                rules=tuple(rules), head=False)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "rules", "head"))
+def _apply(config, params, tokens_BxL, attention_mask, positions, *, rules, head):
   # Jitted so eager callers get one compiled program; inside a caller's jit it is inlined.
-  mask_BxLxL, positions_BxL = mask_and_positions(tokens_BxL, attention_mask, positions)
+  mask, positions_BxL = mask_and_positions(tokens_BxL, attention_mask, positions)
   with nn.logical_axis_rules(rules):
-    return Transformer(config).apply({"params": params}, tokens_BxL, positions_BxL,
-                                     mask_BxLxL)[1]
+    return Transformer(config, head=head).apply({"params": params}, tokens_BxL, positions_BxL,
+                                                mask)[1]
 
 
 def forward(config: ModelConfig, params, tokens_BxW, positions_BxW, mask_BxWxS, *,
@@ -59,5 +68,5 @@ def forward(config: ModelConfig, params, tokens_BxW, positions_BxW, mask_BxWxS, 
 
 
 __all__ = ["KVCache", "ModelConfig", "Transformer", "abstract_params", "apply",
-           "as_model_config", "forward", "init_params", "keep_positions", "logical_specs",
-           "pair_mask", "param_shardings"]
+           "as_model_config", "forward", "head", "hidden", "init_params", "keep_positions",
+           "logical_specs", "masks", "pair_mask", "param_shardings"]

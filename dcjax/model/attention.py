@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dcjax.model import masks
+from dcjax.model.blockwise import blockwise_attention
 from dcjax.model.config import ModelConfig
 from dcjax.model.layers import Dense
 from dcjax.model.rope import apply_rope
@@ -43,12 +45,28 @@ class KVCache(NamedTuple):
   v: jax.Array
 
 
-def attention_kernel(config: ModelConfig, q_BxWxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxWxS):
-  """The configured attention implementation (`config.attention_impl`)."""
-  if config.attention_impl == "dot_product_attention":
-    mask = None if mask_BxWxS is None else mask_BxWxS[:, None]
-    return jax.nn.dot_product_attention(q_BxWxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask=mask)
-  return attend(q_BxWxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxWxS)
+def attention_kernel(config: ModelConfig, q_BxWxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask):
+  """The configured attention implementation (`config.attention_impl`, docs/attention.md).
+
+  `mask` is None, a boolean [B, W, S] or `masks.Segments`. `splash` takes segments only, and
+  lengths that are multiples of 128; anything else (the annealed adaptation mask, the
+  sampler's cache windows, short test shapes) runs `blockwise`.
+  """
+  impl = config.attention_impl
+  w, s = q_BxWxHxDh.shape[1], k_BxSxKxDh.shape[1]
+  if (impl == "splash" and (mask is None or isinstance(mask, masks.Segments))
+      and w % 128 == 0 and s % 128 == 0):
+    from dcjax.model.splash import splash_attention  # Pallas TPU; imported only when used
+    return splash_attention(q_BxWxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask)
+  if impl in ("splash", "blockwise"):
+    return blockwise_attention(q_BxWxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask)
+  if impl in ("dot_product_attention", "cudnn"):
+    dense_BxWxS = masks.dense(mask)
+    return jax.nn.dot_product_attention(
+        q_BxWxHxDh, k_BxSxKxDh, v_BxSxKxDh,
+        mask=None if dense_BxWxS is None else dense_BxWxS[:, None],
+        implementation="cudnn" if impl == "cudnn" else None)
+  return attend(q_BxWxHxDh, k_BxSxKxDh, v_BxSxKxDh, masks.dense(mask))
 
 
 class Attention(nn.Module):

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dcjax.model import masks
 from dcjax.model.attention import Attention, KVCache
 from dcjax.model.config import REMAT_POLICIES, ModelConfig
 from dcjax.model.layers import MLP, Dense, Embed, RMSNorm
@@ -42,11 +43,13 @@ class Transformer(nn.Module):
   canvas, their fresh K/V replacing the cached ones (docs/model.md, "KV cache"). With
   `collect_kv`, the K/V used by every layer are returned as the new cache. `logits_length`
   (static) applies the LM head only to positions [logits_start, logits_start + length) of
-  the W: the sampler reads one block, not the whole canvas.
+  the W: the sampler reads one block, not the whole canvas. With `head=False` the final-norm
+  hidden states [B, W, D] come back instead of logits (for `model.head.token_logps`).
   """
 
   config: ModelConfig
   collect_kv: bool = False
+  head: bool = True
 
   @nn.compact
   def __call__(self, tokens_BxW, positions_BxW, mask_BxWxS, cache: KVCache | None = None,
@@ -68,6 +71,8 @@ class Transformer(nn.Module):
     x_BxWxD = RMSNorm(c, name="norm")(x_BxWxD)
     if logits_length is not None:
       x_BxWxD = jax.lax.dynamic_slice_in_dim(x_BxWxD, logits_start, logits_length, axis=1)
+    if not self.head:  # lm_head's parameters are unused (apply ignores them)
+      return new_cache, x_BxWxD
     logits_BxWxV = Dense(c, (c.vocab_size,), ("embed", "vocab"), name="lm_head")(x_BxWxD)
     return new_cache, nn.with_logical_constraint(
         logits_BxWxV, ("activation_batch", "activation_length", "activation_vocab"))
@@ -85,25 +90,30 @@ def pair_mask(keep_q_BxW, keep_k_BxS):
 
 
 def mask_and_positions(tokens_BxL, attention_mask=None, positions=None):
-  """Turns the user-facing mask into a [B, L, L] boolean mask and default positions.
+  """Turns the user-facing mask into a kernel mask (dcjax/model/masks.py) and default positions.
 
   * None: every token sees every token; positions 0..L-1.
-  * [B, L] keep-mask (1 = real token, left padding): pair mask = outer product of the
-    row's keep-mask; positions = cumsum(keep) - 1 with pads at position 1 (Dream's rule).
+  * [B, L] keep-mask (1 = real token, left padding): segments (real tokens 1, pads 0), so
+    real tokens see real tokens only; positions = cumsum(keep) - 1 with pads at position 1
+    (Dream's rule).
+  * `masks.Segments`: used as is; positions 0..L-1.
   * [B, L, L] mask: used as is (True/1 = query i may attend key j); positions 0..L-1.
   """
   b, l = tokens_BxL.shape
+  arange_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
   if attention_mask is None:
     mask_BxLxL = None
-    default_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+    default_BxL = arange_BxL
+  elif isinstance(attention_mask, masks.Segments):
+    mask_BxLxL, default_BxL = attention_mask, arange_BxL
   else:
     attention_mask = jnp.asarray(attention_mask)
     if attention_mask.shape == (b, l):
-      mask_BxLxL = pair_mask(attention_mask, attention_mask)
+      mask_BxLxL = masks.keep_segments(attention_mask)
       default_BxL = keep_positions(attention_mask)
     elif attention_mask.shape == (b, l, l):
       mask_BxLxL = attention_mask.astype(bool)
-      default_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+      default_BxL = arange_BxL
     else:
       raise ValueError(f"attention_mask has shape {attention_mask.shape}; expected [B, L] = "
                        f"{(b, l)} (keep-mask) or [B, L, L] = {(b, l, l)}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import time
 
-import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
@@ -19,13 +18,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from dcjax import config as config_lib
 from dcjax import workdir as workdir_lib
 from dcjax.data import pipeline, sources, tokenizer_cache
-from dcjax import model as model_lib
 from dcjax.model.loading import load_or_init
 from dcjax.parallel import mesh as mesh_lib
 from dcjax.train import checkpoint as ckpt_lib
-from dcjax.train import completion, metrics as metrics_lib, optim, preemption
+from dcjax.train import completion, metrics as metrics_lib, preemption
 from dcjax.train import reporting
 from dcjax.train import state as state_lib
+from dcjax.train import programs
 from dcjax.train import step as step_lib
 from dcjax.train.reporting import NonFiniteLossError, log
 from dcjax.train.train_config import check_seq_len, loss_config
@@ -83,11 +82,9 @@ def _train(config, wd: workdir_lib.Workdir, ckpt: ckpt_lib.Checkpointer, hooks) 
   if config.get("hf_dir"):
     check_seq_len(config, model_config, f"{config.hf_dir}/config.json")
   tokenizer_cache.check_against_model(tok, model_config)
-  tx, schedule = optim.make_optimizer(t, t.steps)
-  abstract = state_lib.abstract_state(
-      nn.meta.unbox(model_lib.abstract_params(model_config)), tx)
-  shardings = state_lib.state_shardings(
-      abstract, model_lib.param_shardings(model_config, mesh), tx, mesh)
+  program = programs.train_program(config, model_config, mesh, tok.mask_id)
+  tx, shardings = program.tx, program.shardings
+  abstract = program.abstract_state
   log(f"model: {state_lib.num_params(abstract.params):,} parameters, {model_config}")
 
   shard = pipeline.HostShard.current()
@@ -97,8 +94,7 @@ def _train(config, wd: workdir_lib.Workdir, ckpt: ckpt_lib.Checkpointer, hooks) 
       d, train_docs, tok, batch_size=t.batch_size // shard.count, seed=seed, shard=shard))
   meta = ckpt_lib.make_meta(model_config, config, abstract)
   if latest is not None:
-    latest, state = ckpt.restore_latest(state_lib.with_shardings(abstract, shardings), iterator,
-                                        meta)  # the newest that verifies
+    latest, state = ckpt.restore_latest(abstract, iterator, meta)  # the newest that verifies
     log(f"restored step {latest} from {ckpt.directory}")
   else:
     state = state_lib.init_state(params, tx, config.seed, shardings)
@@ -112,19 +108,9 @@ def _train(config, wd: workdir_lib.Workdir, ckpt: ckpt_lib.Checkpointer, hooks) 
 
   lcfg = loss_config(config)
   replicated = NamedSharding(mesh, PartitionSpec())
-  batch_shardings = {k: pipeline.batch_sharding(mesh) for k in pipeline.BATCH_KEYS}
-  step_fn = step_lib.jit_train_step(
-      step_lib.make_train_step(model_config, lcfg, tx, schedule, micro_batches=t.micro_batches,
-                               mask_id=tok.mask_id),
-      shardings, batch_shardings, replicated)
-  abstract_batch = {k: jax.ShapeDtypeStruct((t.batch_size, d.seq_len),
-                                            bool if k == "prompt_mask" else np.int32,
-                                            sharding=batch_shardings[k])
-                    for k in pipeline.BATCH_KEYS}
+  batch_shardings = program.batch_shardings
   start = time.perf_counter()
-  with jax.set_mesh(mesh):
-    compiled = step_fn.lower(state_lib.with_shardings(abstract, shardings),
-                             abstract_batch).compile()
+  compiled = program.lower(mesh).compile()
   log(f"compiled the train step in {time.perf_counter() - start:.1f}s; memory per device: "
       f"{compiled.memory_analysis()}")
 

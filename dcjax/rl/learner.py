@@ -145,22 +145,22 @@ class Learner:
     if self.mesh is None:
       donate = () if kind == "score" else (0,)
       return jax.jit(fn, donate_argnums=donate)
-    batch, rep = self._batch_sharding, self._replicated
+    return lambda *args: self.jitted(kind)(*args)  # shardings built on first call
 
-    def lazy(*args):  # shardings need the tx / model, built on first call
-      if not hasattr(self, f"_compiled_{kind}"):
-        s = self.state_shardings()
-        if kind == "score":
-          jitted = jax.jit(fn, in_shardings=(s.params, batch, None), out_shardings=batch)
-        elif kind == "update":
-          jitted = jax.jit(fn, in_shardings=(s, batch, None), out_shardings=(s, rep),
-                           donate_argnums=(0,))
-        else:
-          jitted = jax.jit(fn, in_shardings=(s,), out_shardings=s, donate_argnums=(0,))
-        setattr(self, f"_compiled_{kind}", jitted)
-      return getattr(self, f"_compiled_{kind}")(*args)
-
-    return lazy
+  def jitted(self, kind: str):
+    """The sharded jax.jit of 'score', 'update' or 'refresh' (what `lower` needs)."""
+    if not hasattr(self, f"_compiled_{kind}"):
+      s, batch, rep = self.state_shardings(), self._batch_sharding, self._replicated
+      fn = getattr(self, f"_{kind}_fn")
+      if kind == "score":
+        jitted = jax.jit(fn, in_shardings=(s.params, batch, None), out_shardings=batch)
+      elif kind == "update":
+        jitted = jax.jit(fn, in_shardings=(s, batch, None), out_shardings=(s, rep),
+                         donate_argnums=(0,))
+      else:
+        jitted = jax.jit(fn, in_shardings=(s,), out_shardings=s, donate_argnums=(0,))
+      setattr(self, f"_compiled_{kind}", jitted)
+    return getattr(self, f"_compiled_{kind}")
 
   def _logps(self, params, micro, noise, with_entropy=False):
     return logprobs.per_token_logps(

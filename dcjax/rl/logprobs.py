@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from dcjax import model as model_lib
+from dcjax.model import head
 
 ESTIMATORS = ("coupled", "decoupled", "full")
 
@@ -112,23 +113,19 @@ def passes(noise: MaskNoise, cfg: EstimatorConfig):
   return masked, coef.astype(jnp.float32)
 
 
-def completion_logps(logits_BxLxV, tokens_BxL, num_new: int, *, with_entropy: bool = False):
+def completion_logps(model_config, params, hidden_BxLxD, tokens_BxL, num_new: int, *,
+                     with_entropy: bool = False):
   """fp32 log p(token) of the last `num_new` positions through the shift (and entropy).
 
   Position i is predicted by the output at i - 1, so the completion block [L-N, L) reads
-  the logits at [L-N-1, L-1). Needs a prompt of at least one token.
+  the final-norm hidden states at [L-N-1, L-1); the LM head runs in chunks of
+  `model_config.logits_chunk` positions (`dcjax.model.head`). Needs a prompt of at least
+  one token.
   """
   l = tokens_BxL.shape[1]
-  logits_BxNxV = logits_BxLxV[:, l - num_new - 1:l - 1].astype(jnp.float32)
-  targets_BxN = tokens_BxL[:, l - num_new:]
-  lse_BxN = jax.nn.logsumexp(logits_BxNxV, axis=-1)
-  one_hot = jax.nn.one_hot(targets_BxN, logits_BxNxV.shape[-1], dtype=jnp.float32)
-  lp_BxN = jnp.sum(logits_BxNxV * one_hot, axis=-1) - lse_BxN
-  if not with_entropy:
-    return lp_BxN, None
-  probs = jax.nn.softmax(logits_BxNxV, axis=-1)
-  entropy_BxN = lse_BxN - jnp.sum(probs * logits_BxNxV, axis=-1)
-  return lp_BxN, entropy_BxN
+  stats = head.token_logps(model_config, params, hidden_BxLxD[:, l - num_new - 1:l - 1],
+                           tokens_BxL[:, l - num_new:], with_entropy=with_entropy)
+  return stats["logp"], stats.get("entropy")
 
 
 def per_token_logps(model_config, params, tokens_BxL, noise: MaskNoise, cfg: EstimatorConfig,
@@ -138,6 +135,7 @@ def per_token_logps(model_config, params, tokens_BxL, noise: MaskNoise, cfg: Est
   `keep_BxL` (only read when cfg.attention_mask) is the prompt keep-mask extended with ones.
   The entropy is the predictive entropy of the all-masked pass (a diagnostic; no gradient).
   """
+  model_config = model_lib.as_model_config(model_config)
   n = noise.u_BxKxN.shape[-1]
   if tokens_BxL.shape[1] <= n:
     raise ValueError(f"tokens_BxL has length {tokens_BxL.shape[1]} but the completion is {n} "
@@ -150,8 +148,9 @@ def per_token_logps(model_config, params, tokens_BxL, noise: MaskNoise, cfg: Est
   for p in range(masked_PxBxN.shape[0]):
     noisy_BxN = jnp.where(masked_PxBxN[p], mask_id, completion_BxN)
     inputs_BxL = jnp.concatenate([prompt_BxP, noisy_BxN], axis=1)
-    logits = model_lib.apply(model_config, params, inputs_BxL, attention)
-    lp_BxN, ent = completion_logps(logits, tokens_BxL, n, with_entropy=with_entropy and p == 0)
+    hidden = model_lib.hidden(model_config, params, inputs_BxL, attention)
+    lp_BxN, ent = completion_logps(model_config, params, hidden, tokens_BxL, n,
+                                   with_entropy=with_entropy and p == 0)
     logp_BxN = logp_BxN + coef_PxBxN[p] * lp_BxN
     if ent is not None:
       entropy_BxN = jax.lax.stop_gradient(ent)

@@ -48,8 +48,8 @@ def make_train_step(model_config, loss_config: losses.LossConfig,
 
     def loss_fn(params, micro):
       mask, positions = losses.model_inputs(micro, anneal_LxL, loss_config)
-      logits = model_lib.apply(model_config, params, micro["noisy"], mask, positions)
-      sums = losses.loss_sums(logits, micro)
+      hidden = model_lib.hidden(model_config, params, micro["noisy"], mask, positions)
+      sums = losses.hidden_loss_sums(model_config, params, hidden, micro)
       return sums["loss_sum"] / denominator, sums
 
     grads, sums = accumulate(jax.grad(loss_fn, has_aux=True), state.params, prepared,
@@ -89,7 +89,7 @@ def make_eval_step(model_config, loss_config: losses.LossConfig, mask_id: int | 
     noise = fp.draw_noise(key, b, l, cfg.noise)
     prepared = losses.prepare(batch, noise, mask_id, cfg)
     mask, positions = losses.model_inputs(prepared, None, cfg)
-    logits = model_lib.apply(model_config, params, prepared["noisy"], mask, positions)
-    return losses.loss_sums(logits, prepared)
+    hidden = model_lib.hidden(model_config, params, prepared["noisy"], mask, positions)
+    return losses.hidden_loss_sums(model_config, params, hidden, prepared)
 
   return eval_step

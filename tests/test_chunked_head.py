@@ -1,0 +1,77 @@
+"""The LM head applied in sequence chunks (model/head.py) equals the whole-sequence head:
+the diffusion loss and the GRPO log-prob passes, values and gradients, in float32."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dcjax import model as model_lib
+from dcjax.diffusion import forward_process as fp
+from dcjax.diffusion import losses
+from dcjax.model import head
+from dcjax.rl import logprobs
+from tests.trees import assert_trees_close
+
+CONFIG = model_lib.ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_layers=2,
+                               num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=1e4,
+                               mask_token_id=95, logits_chunk=0)
+B, L = 3, 24
+
+
+def test_chunk_size_is_the_largest_divisor():
+  assert head.chunk_size(24, 0) == 24 and head.chunk_size(24, 100) == 24
+  assert head.chunk_size(24, 7) == 6 and head.chunk_size(23, 8) == 1
+
+
+@pytest.mark.parametrize("chunk", [5, 8])  # 5 -> chunks of 4 (largest divisor of 24)
+def test_chunked_diffusion_loss_and_grads_equal_whole_sequence(chunk):
+  params = model_lib.init_params(CONFIG, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (B, L), 0, 95)
+  cfg = losses.LossConfig(noise=fp.NoiseConfig(truncate_prob=0.5), document_mask=False)
+  batch = losses.as_batch(tokens)
+  prepared = losses.prepare(batch, fp.draw_noise(jax.random.key(2), B, L, cfg.noise), 95, cfg)
+  mask, positions = losses.model_inputs(prepared, None, cfg)
+
+  def whole(p):
+    logits = model_lib.apply(CONFIG, p, prepared["noisy"], mask, positions)
+    sums = losses.loss_sums(logits, prepared)
+    return sums["loss_sum"], sums
+
+  chunked_config = dataclasses.replace(CONFIG, logits_chunk=chunk)
+
+  def chunked(p):
+    hidden = model_lib.hidden(chunked_config, p, prepared["noisy"], mask, positions)
+    sums = losses.hidden_loss_sums(chunked_config, p, hidden, prepared)
+    return sums["loss_sum"], sums
+
+  (ref, ref_sums), ref_grads = jax.value_and_grad(whole, has_aux=True)(params)
+  (out, out_sums), out_grads = jax.jit(jax.value_and_grad(chunked, has_aux=True))(params)
+  assert float(ref_sums["targets"]) > 5  # the loss has targets to compare
+  np.testing.assert_allclose(out, ref, rtol=1e-5)
+  for key in losses.SUM_KEYS:
+    np.testing.assert_allclose(out_sums[key], ref_sums[key], rtol=1e-5, err_msg=key)
+  assert_trees_close(out_grads, ref_grads, rtol=1e-5, atol=1e-6)
+  assert float(jnp.abs(out_grads["lm_head"]["kernel"]).max()) > 0
+
+
+def test_chunked_grpo_logps_and_grads_equal_whole_sequence():
+  params = model_lib.init_params(CONFIG, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (B, L), 0, 95)
+  est = logprobs.EstimatorConfig("coupled", num_pairs=1)
+  noise = logprobs.draw_noise(jax.random.key(3), B, 12, est)
+
+  def total(config, p):
+    logp, ent = logprobs.per_token_logps(config, p, tokens, noise, est, 95, with_entropy=True)
+    return jnp.sum(logp * jnp.arange(12)), (logp, ent)
+
+  ref = jax.value_and_grad(lambda p: total(CONFIG, p), has_aux=True)(params)
+  out = jax.value_and_grad(lambda p: total(dataclasses.replace(CONFIG, logits_chunk=4), p),
+                           has_aux=True)(params)
+  (ref_v, (ref_lp, ref_ent)), ref_g = ref
+  (out_v, (out_lp, out_ent)), out_g = out
+  np.testing.assert_allclose(out_lp, ref_lp, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out_ent, ref_ent, rtol=1e-5, atol=1e-6)
+  assert_trees_close(out_g, ref_g, rtol=1e-5, atol=1e-6)
