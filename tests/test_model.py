@@ -126,7 +126,7 @@ def test_memory_efficient_impls_match_xla_in_the_model(impl):
   params = model_lib.init_params(TINY, jax.random.key(0))
   tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 64)
   keep = np.array([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8])
-  dense = np.asarray(jax.random.bernoulli(jax.random.key(2), 0.6, (2, 8, 8)))
+  dense = np.array(jax.random.bernoulli(jax.random.key(2), 0.6, (2, 8, 8)))
   dense |= np.eye(8, dtype=bool)
   other = dataclasses.replace(TINY, attention_impl=impl, remat_policy="full")
   real = keep.astype(bool)
