@@ -86,15 +86,17 @@ def test_missing_topology_is_a_clear_error():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config,tpu_slice,programs", [
-    ("configs/diffucoder_7b_adapt.py", "v5p-64", ["train_step"]),
-    ("configs/grpo_diffucoder_7b.py", "v5p-32", ["rollout_sampler", "score", "policy_update"]),
+@pytest.mark.parametrize("config,flags,programs", [
+    ("configs/diffucoder_7b_adapt.py", [], ["train_step"]),
+    # The config's docstring: on 32 chips, 16 prompts so the 160 rollouts split evenly.
+    ("configs/grpo_diffucoder_7b.py", ["--config.rl.num_prompts=16"],
+     ["rollout_sampler", "score", "policy_update"]),
 ])
-def test_7b_configs_fit_their_pods(config, tpu_slice, programs):
-  """The shipped 7B stages compile for their documented slices within 90% of HBM (issue: the
-  plain attention needed 606 GiB per v5p chip for the adaptation step)."""
+def test_7b_configs_fit_a_v5p_64(config, flags, programs):
+  """The shipped 7B stages compile for a v5p-64 within 90% of HBM, the adaptation at its
+  paper length of 4096 tokens (BUILD.md, "Memory per chip")."""
   _require_libtpu()
-  proc = _compile(config, f"--config.compile_topology={tpu_slice}")
+  proc = _compile(config, "--config.compile_topology=v5p-64", *flags)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   report = _report(proc)
   assert sorted(report["programs"]) == sorted(programs)
