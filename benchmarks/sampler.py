@@ -6,6 +6,10 @@ threshold decoding and the block KV caches buy.
   python benchmarks/sampler.py --preset=0.5b    # ~0.5B params (for an accelerator)
 
 One run, one model, one batch:
+  0. each confidence algorithm (entropy, maskgit_plus, topk_margin; greedy, steps = N) of
+     `generate` against a torch port of Dream's loop (tests/dream_reference.py) running
+     transformers' Qwen2 on the same weights (exported with `save_pretrained`): wall time,
+     the ratio, and whether the tokens are identical;
   1. tokens/s of `generate` (entropy, one token per step) against the reference decoder: a
      Python loop with one jitted model call per step and the selection in numpy on the host
      (docs/sampler.md written plainly);
@@ -21,6 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
+import tempfile
 import time
 
 import jax
@@ -64,6 +71,41 @@ def reference_decode(config, params, ids, keep, max_new_tokens):
   return x
 
 
+def algorithm_table(config, params, ids, keep, n, repeats) -> dict:
+  """Part 0: each algorithm of `generate` against the torch port of Dream's loop."""
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+  import torch  # pylint: disable=import-outside-toplevel
+  from transformers import Qwen2ForCausalLM  # pylint: disable=import-outside-toplevel
+  from dcjax.model import hf  # pylint: disable=import-outside-toplevel
+  from tests.dream_reference import dream_generate  # pylint: disable=import-outside-toplevel
+  torch.set_num_threads(os.cpu_count() or 1)
+  with tempfile.TemporaryDirectory() as path:
+    hf.save_pretrained(config, params, path)
+    model = Qwen2ForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+
+  def torch_forward(tokens, pair, positions):
+    mask = torch.where(torch.as_tensor(pair)[:, None], 0.0, torch.finfo(torch.float32).min)
+    with torch.no_grad():
+      return model(torch.as_tensor(tokens, dtype=torch.long), attention_mask=mask,
+                   position_ids=torch.as_tensor(positions, dtype=torch.long)).logits
+
+  table = {}
+  for alg in ("entropy", "maskgit_plus", "topk_margin"):
+    fns = {"dcjax": lambda alg=alg: generate(config, params, ids, keep, max_new_tokens=n,
+                                             steps=n, alg=alg).tokens,
+           "torch": lambda alg=alg: dream_generate(torch_forward, ids, keep,
+                                                   mask_id=config.mask_token_id,
+                                                   max_new_tokens=n, steps=n, alg=alg)[0]}
+    seconds, outs = timed_round_robin(fns, repeats)
+    same = float(np.mean(np.asarray(outs["dcjax"]) == np.asarray(outs["torch"])))
+    table[alg] = dict(dcjax_ms=1e3 * seconds["dcjax"], torch_ms=1e3 * seconds["torch"],
+                      dcjax_over_torch=seconds["torch"] / seconds["dcjax"], tokens_equal=same)
+    print(f"{alg:>13}: dcjax {table[alg]['dcjax_ms']:7.1f} ms, torch Dream loop "
+          f"{table[alg]['torch_ms']:7.1f} ms: {table[alg]['dcjax_over_torch']:.2f}x "
+          f"(tokens equal: {same:.3f})", flush=True)
+  return table
+
+
 def timed_round_robin(fns: dict, repeats: int) -> tuple[dict, dict]:
   """Best wall seconds per function and its last result, after one warm-up (compile) call
   each; the functions take turns in every round so a busy machine slows them alike."""
@@ -104,12 +146,18 @@ def main():
   print(f"device {device}; model {PRESETS[args.preset]} ({config.num_params() / 1e6:.1f}M "
         f"params); batch {b}, prompt {args.prompt_len}, new tokens {n}")
 
+  if not args.skip_reference:
+    print(f"per algorithm, greedy, {n} steps for {n} tokens, against Dream's loop in torch:")
+    algorithms = algorithm_table(config, params, ids, keep, n, args.repeats)
+
   def sample(**kwargs):
     return lambda: generate(config, params, ids, keep, max_new_tokens=n, alg="entropy",
                             **kwargs)
 
   figures = {"device": device, "preset": args.preset, "params_m": config.num_params() / 1e6,
              "batch": b, "prompt_len": args.prompt_len, "max_new_tokens": n}
+  if not args.skip_reference:
+    figures["algorithms"] = algorithms
 
   bl = args.block_length
   variants = {
@@ -153,7 +201,7 @@ def main():
           f"({figures[f'{name}_full_forwards_per_token']:.3f} full-canvas), "
           f"{figures[f'{name}_speedup']:.2f}x faster, "
           f"tokens equal to baseline {figures[f'{name}_token_match']:.3f}")
-  print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in figures.items()}))
+  print(json.dumps(figures))
 
 
 if __name__ == "__main__":

@@ -118,3 +118,13 @@ def test_gumbel_top_k_is_multinomial_without_replacement():
 def test_descending_rank_breaks_ties_by_index():
   ranks = proposals.descending_rank(jnp.asarray([[0.5, 0.9, 0.5, -jnp.inf, 0.9]]))
   np.testing.assert_array_equal(np.asarray(ranks), [[2, 0, 3, 4, 1]])
+
+
+def test_topk_margin_with_a_tied_maximum_is_zero_as_in_the_reference():
+  """The O(V) margin (max, then the max of the rest) against torch's sort when the largest
+  probability is shared, and when only the second place is shared."""
+  x = np.array([[2.0, 0.5, 2.0, -1.0, 0.1], [3.0, 1.0, -2.0, 1.0, 0.0]], np.float32)
+  _, _, confs = torch_sample_tokens(x)
+  _, confidence, _ = proposals.propose(jnp.asarray(x), None, alg="topk_margin")
+  assert confs["topk_margin"][0] == 0 and confs["topk_margin"][1] > 0
+  np.testing.assert_allclose(np.asarray(confidence), confs["topk_margin"], rtol=1e-6, atol=0)
