@@ -8,7 +8,9 @@ For each model: the full dcjax train step (masked-diffusion loss with the shift 
 AdamW, clipping; jitted, donated) and, unless --no_torch, `transformers` Qwen2ForCausalLM
 with a non-causal 4-D mask running the same loss and AdamW, both fp32 on the CPU. MFU =
 model FLOP/s (6N + bidirectional attention, dcjax.train.metrics) / peak, where the peak is
-a matmul measured in this process on the CPU, or the chip's data-sheet bf16 peak. Prints a
+a matmul measured in this process on the CPU, or the chip's data-sheet bf16 peak. Then, per
+model, the phases timed alone for both (unless --no_phases): forward (the loss), backward
+(loss + gradient minus forward) and the optimiser (clip + AdamW on fixed gradients). Prints a
 table, then one JSON line with every figure and the dcjax/torch throughput ratios.
 """
 
@@ -71,6 +73,46 @@ def timed(runners: dict, steps: int, rounds: int = 2) -> dict:
   return {name: float(np.median(t)) for name, t in times.items()}
 
 
+def dcjax_phases(mc: ModelConfig, batch: int, seq_len: int) -> dict:
+  """Callables for the phases of the step, each jitted alone: the loss (forward), its
+  gradient (forward + backward), and clip + AdamW on given gradients (optimiser)."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  from dcjax.diffusion import forward_process as fp  # pylint: disable=import-outside-toplevel
+  cfg = add_train_sections(base_config())
+  tx, _ = optim.make_optimizer(cfg.train, cfg.train.steps)
+  params = model_lib.init_params(mc, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  batch_ = losses.as_batch(rng.integers(8, mc.vocab_size, (batch, seq_len)).astype(np.int32))
+  lcfg = losses.LossConfig()
+
+  def loss_fn(p, key):
+    prepared = losses.prepare(batch_, fp.draw_noise(key, batch, seq_len, lcfg.noise),
+                              mc.mask_token_id, lcfg)
+    hidden = model_lib.hidden(mc, p, prepared["noisy"], None, None)
+    sums = losses.hidden_loss_sums(mc, p, hidden, prepared)
+    return sums["loss_sum"] / losses.normaliser(prepared, lcfg)
+
+  forward, grad = jax.jit(loss_fn), jax.jit(jax.grad(loss_fn))
+  key = jax.random.key(1)
+  grads = grad(params, key)
+
+  def update(g, o, p):
+    updates, o = tx.update(g, o, p)
+    return optax.apply_updates(p, updates), o
+
+  update = jax.jit(update, donate_argnums=(1, 2))
+  holder = {"params": jax.tree.map(jnp.copy, params), "opt": tx.init(params)}
+
+  def optimiser():
+    holder["params"], holder["opt"] = update(grads, holder["opt"], holder["params"])
+    jax.block_until_ready(holder["params"])
+
+  return {"forward": lambda: jax.block_until_ready(forward(params, key)),
+          "forward+backward": lambda: jax.block_until_ready(grad(params, key)),
+          "optimiser": optimiser}
+
+
 def dcjax_runner(mc: ModelConfig, batch: int, seq_len: int):
   """A callable running one full dcjax train step (compiled here)."""
   cfg = add_train_sections(base_config())
@@ -102,8 +144,9 @@ def dcjax_runner(mc: ModelConfig, batch: int, seq_len: int):
   return run
 
 
-def torch_runner(mc: ModelConfig, batch: int, seq_len: int):
-  """transformers Qwen2 (fp32, non-causal 4-D mask) + the same loss + torch AdamW."""
+def torch_runner(mc: ModelConfig, batch: int, seq_len: int, phases: bool = False):
+  """transformers Qwen2 (fp32, non-causal 4-D mask) + the same loss + torch AdamW; with
+  `phases`, callables for the loss (forward), loss + backward, and clip + AdamW."""
   import torch  # pylint: disable=import-outside-toplevel
   from transformers import Qwen2Config, Qwen2ForCausalLM  # pylint: disable=import-outside-toplevel
   torch.set_num_threads(os.cpu_count() or 1)
@@ -121,7 +164,7 @@ def torch_runner(mc: ModelConfig, batch: int, seq_len: int):
   tokens = torch.randint(8, mc.vocab_size, (batch, seq_len), generator=gen)
   mask = torch.zeros(batch, 1, seq_len, seq_len)  # additive, all visible: bidirectional
 
-  def run():
+  def loss_fn():
     t = (1 - 1e-3) * torch.rand(batch, generator=gen) + 1e-3
     masked = torch.rand(batch, seq_len, generator=gen) < t[:, None]
     noisy = torch.where(masked, torch.full_like(tokens, mc.mask_token_id), tokens)
@@ -130,12 +173,23 @@ def torch_runner(mc: ModelConfig, batch: int, seq_len: int):
                                            tokens[:, 1:].reshape(-1), reduction="none")
     target = masked[:, 1:].reshape(-1).float()
     weight = (1.0 / t)[:, None].expand(batch, seq_len - 1).reshape(-1)
-    loss = (ce * weight * target).sum() / target.sum().clamp(min=1)
+    return (ce * weight * target).sum() / target.sum().clamp(min=1)
+
+  def backward():
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    loss_fn().backward()
+
+  def optimiser():
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
 
+  def run():
+    backward()
+    optimiser()
+
+  if phases:
+    backward()  # gradients for the optimiser phase
+    return {"forward": loss_fn, "forward+backward": backward, "optimiser": optimiser}
   return run
 
 
@@ -148,6 +202,8 @@ def main(argv=None):
   parser.add_argument("--dtype", default="float32")
   parser.add_argument("--remat", default="none")
   parser.add_argument("--no_torch", action="store_true")
+  parser.add_argument("--no_phases", action="store_true",
+                      help="skip the per-phase breakdown (forward, backward, optimiser)")
   args = parser.parse_args(argv)
   names = args.models.split(",")
 
@@ -164,13 +220,19 @@ def main(argv=None):
     peaks.append(metrics.peak_flops(cpu_dtype=np.dtype(args.dtype)))
 
   measure_peak()
-  rows = {}
+  rows, phase_times = {}, {}
   for name, batch, seq_len in zip(names, batches, lengths):
     mc = model_config(name, args.dtype, args.remat)
     runners = {"dcjax": dcjax_runner(mc, batch, seq_len)}
     if not args.no_torch:
       runners["torch"] = torch_runner(mc, batch, seq_len)
     rows[name] = (mc, batch, seq_len, timed(runners, args.steps))
+    if not args.no_phases:
+      phase_fns = {f"dcjax {k}": v for k, v in dcjax_phases(mc, batch, seq_len).items()}
+      if not args.no_torch:
+        phase_fns.update({f"torch {k}": v
+                          for k, v in torch_runner(mc, batch, seq_len, phases=True).items()})
+      phase_times[name] = timed(phase_fns, args.steps)
     measure_peak()
   # The best peak seen in the run (the least loaded moment): a conservative MFU.
   peak, peak_source = max(peaks)
@@ -192,6 +254,16 @@ def main(argv=None):
       row["dcjax_over_torch"] = times["torch"] / times["dcjax"]
       line += f" | dcjax/torch {row['dcjax_over_torch']:.2f}x"
     print(line, flush=True)
+    if name in phase_times:
+      ph = phase_times[name]
+      for impl in ("dcjax", "torch"):
+        if f"{impl} forward" not in ph:
+          continue
+        fwd, fb, opt = (ph[f"{impl} {k}"] for k in ("forward", "forward+backward", "optimiser"))
+        row.update({f"{impl}_forward_s": fwd, f"{impl}_backward_s": fb - fwd,
+                    f"{impl}_optimiser_s": opt})
+        print(f"       {impl:>5} phases: forward {fwd * 1e3:8.1f} ms | backward "
+              f"{(fb - fwd) * 1e3:8.1f} ms | clip + AdamW {opt * 1e3:8.1f} ms", flush=True)
     results[name] = row
   print(json.dumps({k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v)
                     for k, v in results.items()}))
