@@ -27,3 +27,12 @@ def get_config():
   c.inspect_batch = 8
   c.inspect_length = 2048
   return c
+
+
+def serving(c):
+  """Puts DiffuCoder-7B in bf16 weights, FSDP over every chip, into a sample / eval config
+  (a run with hf_dir reads the architecture from its config.json instead)."""
+  c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
+  c.model = get_config().model
+  c.model.update(dict(dtype="bfloat16", param_dtype="bfloat16"))
+  return c

@@ -15,9 +15,6 @@ from configs import eval_humaneval
 
 
 def get_config():
-  c = eval_humaneval.get_config()
-  c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
-  c.model = diffucoder_7b.get_config().model
-  c.model.update(dict(dtype="bfloat16", param_dtype="bfloat16"))
+  c = diffucoder_7b.serving(eval_humaneval.get_config())
   c.eval.batch_size = 32
   return c

@@ -16,10 +16,7 @@ from configs import sample
 
 
 def get_config():
-  c = sample.get_config()
-  c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
-  c.model = diffucoder_7b.get_config().model
-  c.model.update(dict(dtype="bfloat16", param_dtype="bfloat16"))
+  c = diffucoder_7b.serving(sample.get_config())
   c.num_samples = 4
   c.sampler.update(dict(max_new_tokens=256, steps=256, alg="entropy", temperature=0.3,
                         top_p=0.95))
