@@ -14,10 +14,11 @@ Expect the held-out loss to fall from ~16.4 to ~11.8 (masked-token CE 7.6 -> 5.6
 steps, and the whole job to take about 3-3.5 minutes on 2 CPU cores. At this size and budget
 the sample is mostly indentation and `self.`; the point is the pipeline end to end.
 Metrics: runs/tiny/metrics.jsonl and runs/tiny/tensorboard/. Rerunning with the same workdir
-resumes from the last checkpoint (a finished run just samples again; use a new workdir or
---config.train.steps=N to train longer). A checkpoint whose files fail their fingerprint check
-is reported in one line, moved to checkpoints/<step>.corrupt, and the previous one restored
-(`--config.checkpoint.verify=fatal` stops instead).
+resumes from the last checkpoint (a finished run just samples again; use a new workdir, or
+--config.train.steps=N --config.allow_config_change=True to train longer: docs/runs.md).
+A checkpoint whose files fail their fingerprint check is reported in one line, moved to
+checkpoints/<step>.corrupt, and the previous one restored (`--config.checkpoint.verify=fatal`
+stops instead).
 Override any field, e.g. `--config.train.steps=100 --config.train.micro_batches=2`.
 """
 

@@ -77,9 +77,36 @@ def validate(config: ml_collections.ConfigDict) -> None:
       model_config(config).validate("config.model")
     except ValueError as e:
       raise ConfigError(str(e)) from None
+  profile_window(config)
+  wandb = config.get("wandb")
+  if wandb is not None and wandb.get("mode", "offline") not in WANDB_MODES:
+    raise ConfigError(f"config.wandb.mode={wandb.mode!r} is not one of {WANDB_MODES}")
   _, mode_validate = resolve_mode(config.mode)
   if mode_validate is not None:
     mode_validate(config)
+
+
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def profile_window(config) -> tuple[int, int] | None:
+  """config.profile_steps "START,END" -> (START, END), the steps [START, END) to trace;
+  None when empty. ConfigError naming the field for anything else."""
+  spec = config.get("profile_steps", "")
+  if spec in ("", None):
+    return None
+  bad = ConfigError(f"config.profile_steps={spec!r} must be two integers 'START,END' with "
+                    "0 <= START < END (steps [START, END) are traced), or '' for no trace")
+  parts = spec.split(",") if isinstance(spec, str) else list(spec)
+  if len(parts) != 2:
+    raise bad
+  try:
+    start, end = (int(str(x).strip()) for x in parts)
+  except ValueError:
+    raise bad from None
+  if not 0 <= start < end:
+    raise bad
+  return start, end
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -99,6 +126,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.compile_num_slices = 1
   c.compile_prompt_len = 512    # prompt width the sample / eval sampler is compiled for
   c.compile_hbm_fraction = 0.9  # a program "fits" when its peak is at most this share of HBM
+  # docs/runs.md: the resolved config is saved to <workdir>/config.json; a resume whose config
+  # differs (outside a small allow-list) stops unless this is True.
+  c.allow_config_change = False
+  c.profile_steps = ""  # "START,END": a jax.profiler trace of steps [START, END) in <workdir>/profile
+  # Weights & Biases beside TensorBoard and metrics.jsonl when project is set (pip install -e '.[wandb]').
+  c.wandb = ml_collections.ConfigDict(
+      {"project": "", "entity": "", "mode": "offline", "name": ""})
   c.model = ml_collections.ConfigDict(ModelConfig(
       vocab_size=1, hidden_size=1, intermediate_size=1, num_layers=1, num_heads=1,
       num_kv_heads=1, head_dim=2).to_dict())

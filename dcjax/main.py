@@ -10,6 +10,7 @@ import jax
 from ml_collections import config_flags
 
 from dcjax import config as config_lib
+from dcjax import run_config
 from dcjax import workdir as workdir_lib
 from dcjax.parallel import distributed
 
@@ -39,6 +40,10 @@ def main(argv):
     logging.info("workdir %s: host files in %s, pushed after each checkpoint", workdir.root,
                  workdir.local)
   workdir.pull()  # a run resumed on a fresh VM continues the metrics it had pushed
+  try:  # <workdir>/config.json; a resume with a changed config stops here (docs/runs.md)
+    run_config.record(config, workdir, log=logging.info)
+  except run_config.ConfigChangedError as e:
+    raise SystemExit(f"error: {e}") from None
   try:
     run(config, workdir)
   finally:

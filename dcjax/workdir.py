@@ -9,8 +9,14 @@ TensorBoard events, completions, eval reports — is written by process 0 with p
 - a remote workdir gets a mirror directory (`$DCJAX_LOCAL_DIR/<bucket>/<path>`, default
   `/tmp/dcjax`). `pull()` copies the remote's files down at start, but only those the mirror
   lacks, so a run resumed on a fresh VM after a preemption appends to the metrics it had
-  pushed; `push()` copies the mirror up after each checkpoint and at exit, so a preemption
-  loses at most the log lines written since the last checkpoint.
+  pushed; `push()` copies the mirror up after each checkpoint, after each metrics write
+  (`push_logs`, at most every $DCJAX_PUSH_LOGS_EVERY_S = 10 s) and at exit, so a preemption
+  loses at most the log lines of one log interval.
+
+Why a mirror and not direct writes: GCS objects cannot be appended to (metrics.jsonl is
+appended to, and truncated on a resume), and tensorboardX's own gs:// writer needs
+google-cloud-storage and re-uploads the whole event file on each flush, which is what a push
+does anyway.
 
 Remote paths go through `etils.epath` (installed with orbax), which reads and writes `gs://`
 with `gcsfs` or TensorFlow installed (the `tpu` extra installs gcsfs).
@@ -22,12 +28,15 @@ import dataclasses
 import os
 import re
 import shutil
+import time
 from typing import Callable
 
 import jax
 import numpy as np
 
 CHECKPOINTS = "checkpoints"
+# Metric writes push a mirrored workdir at most this often (seconds): see Workdir.push_logs.
+PUSH_LOGS_EVERY_S = float(os.environ.get("DCJAX_PUSH_LOGS_EVERY_S", "10"))
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
@@ -65,6 +74,8 @@ class Workdir:
   mirrored: bool = False
   # (size, mtime) of each file as last pushed: push() skips files that have not changed.
   _pushed: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+  # {"time": perf_counter of the last push}: push_logs() throttles on it.
+  _clock: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
   @classmethod
   def create(cls, root: str, local: str | None = None) -> "Workdir":
@@ -135,10 +146,28 @@ class Workdir:
         copied.append(rel)
     return copied
 
+  def publish(self, rel: str) -> None:
+    """Copies one host file (`path(rel)`) to `root` now (mirrored workdirs; process 0)."""
+    if self.mirrored and jax.process_index() == 0:
+      _copy(self.path(rel), self.shared_path(*rel.split("/")))
+
+  def push_logs(self, min_interval_s: float | None = None) -> list[str]:
+    """`push()` after a metrics write, unless the last push was under `min_interval_s` ago:
+    a bucket then lags the run by at most one log interval (or `min_interval_s`, when log
+    lines come faster), not by a checkpoint interval."""
+    if not self.mirrored:
+      return []
+    if min_interval_s is None:
+      min_interval_s = PUSH_LOGS_EVERY_S
+    if time.perf_counter() - self._clock.get("time", -float("inf")) < min_interval_s:
+      return []
+    return self.push()
+
   def push(self) -> list[str]:
     """Process 0 copies the mirror's new or changed files up (overwriting); their paths."""
     if not self.mirrored or jax.process_index() != 0 or not os.path.isdir(self.local):
       return []
+    self._clock["time"] = time.perf_counter()
     pushed = []
     for top, dirs, files in os.walk(self.local):
       dirs[:] = [d for d in dirs if not (top == self.local and d == CHECKPOINTS)]
@@ -152,6 +181,43 @@ class Workdir:
         self._pushed[rel] = (st.st_size, st.st_mtime_ns)
         pushed.append(rel)
     return pushed
+
+
+def local_copy(path: str) -> str:
+  """A local path for `path`: itself when local; a remote file or directory (an hf_dir on
+  gs://, a tokenizer) is copied through etils.epath to `default_mirror(path)` first, each file
+  skipped when a copy of the same size is there (a rerun, or a second process on the host),
+  so safetensors can memory-map it as it does a local checkpoint."""
+  if path.startswith("file://"):
+    return path[len("file://"):]
+  if not is_remote(path):
+    return path
+  dest = default_mirror(path)
+  try:
+    src = _epath(path)
+    if not src.is_dir():
+      _copy_if_changed(src, dest)
+      return dest
+    for top, _, files in src.walk():
+      rel = top.relative_to(src).parts
+      for name in files:
+        _copy_if_changed(top / name, os.path.join(dest, *rel, name))
+  except OSError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise OSError(_remote_hint(f"{path} -> {dest}", e)) from e
+  return dest
+
+
+def _copy_if_changed(src, dest: str) -> None:
+  size = src.stat().length
+  if os.path.exists(dest) and os.path.getsize(dest) == size:
+    return
+  os.makedirs(os.path.dirname(dest), exist_ok=True)
+  tmp = f"{dest}.tmp{os.getpid()}"
+  with src.open("rb") as fin, open(tmp, "wb") as fout:
+    shutil.copyfileobj(fin, fout, 16 << 20)
+  os.replace(tmp, dest)
 
 
 def resolve(workdir: "str | Workdir") -> Workdir:
@@ -169,6 +235,11 @@ def _all_processes(flag: bool) -> bool:
 def _epath(path: str):
   from etils import epath  # pylint: disable=import-outside-toplevel
   return epath.Path(path)
+
+
+def epath(path: str):
+  """`etils.epath.Path(path)`: local paths and gs:// alike (gs:// needs gcsfs)."""
+  return _epath(path)
 
 
 def _list_files(root: str) -> list[str]:

@@ -84,9 +84,12 @@ def test_two_process_pod_trains_checkpoints_and_resumes(tmp_path):
   assert {f"process_{i}-of-{HOSTS}.json" for i in range(HOSTS)} <= set(data)
 
   # The resumed run also samples at the end: one prompt on the 4-device batch axis.
-  sample = ["--config.train.sample_new_tokens=8", "--config.train.sample_steps=8"]
+  # More steps change the config.json the first run recorded: allowed explicitly (docs/runs.md).
+  sample = ["--config.train.sample_new_tokens=8", "--config.train.sample_steps=8",
+            "--config.allow_config_change=True"]
   out0, out1 = _launch(workdir, _overrides(steps=6) + sample)
   assert "restored step 4" in out0
+  assert len([f for f in os.listdir(workdir) if f.startswith("config.2")]) == 1  # the old one
   assert "sample completion (dcjax.diffusion.sampler.generate" in out0
   assert "sample completion" not in out1
   assert _logged_steps(workdir) == [1, 2, 3, 4, 5, 6]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import glob
 import gzip
+import io
 import json
 import os
 import sysconfig
@@ -19,6 +20,7 @@ from typing import Any, Callable, Iterator, Sequence
 import grain
 import numpy as np
 
+from dcjax import workdir as workdir_lib
 from dcjax.data import sft as sft_lib
 
 SOURCES = ("stdlib", "jsonl", "array_record", "tfds")
@@ -42,10 +44,19 @@ def parse_json_line(line: bytes, where: str) -> dict[str, Any]:
   return record
 
 
+def _open_lines(path: str):
+  """A binary line iterator over a local or remote (gs://, read whole through etils.epath)
+  file, gunzipped when it ends in .gz; use as a context manager."""
+  if workdir_lib.is_remote(path):
+    data = workdir_lib.epath(path).read_bytes()
+    return gzip.GzipFile(fileobj=io.BytesIO(data)) if path.endswith(".gz") else io.BytesIO(data)
+  return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
 def read_jsonl(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
-  """("path:line", record) for each non-blank line of a JSONL file (plain or .gz)."""
-  opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rb") as f:
+  """("path:line", record) for each non-blank line of a JSONL file (plain or .gz; local or
+  gs://)."""
+  with _open_lines(path) as f:
     for number, line in enumerate(f, 1):
       if line.strip():
         where = f"{path}:{number}"
@@ -133,13 +144,48 @@ class StdlibSource(_CheckedSource):
     return f"StdlibSource({self._root!r}, {len(self)} files)"
 
 
+_GLOB_CHARS = "*?["
+
+
+def _glob_remote(pattern: str) -> list[str]:
+  """`gs://bucket/dir/*.array_record` -> the matching URLs (through etils.epath)."""
+  parts = pattern.split("/")  # ["gs:", "", "bucket", ...]
+  wild = [i for i, part in enumerate(parts) if i >= 3 and any(c in part for c in _GLOB_CHARS)]
+  try:
+    if not wild:
+      return [pattern] if workdir_lib.epath(pattern).exists() else []
+    base = "/".join(parts[:wild[0]])
+    root = workdir_lib.epath(base)
+    if not root.exists():
+      return []
+    return sorted(workdir_lib.join(base, *p.relative_to(root).parts)
+                  for p in root.glob("/".join(parts[wild[0]:])))
+  except (ImportError, NotImplementedError) as e:
+    raise OSError(f"cannot list {pattern}: {type(e).__name__}: {e} (gs:// needs gcsfs: "
+                  "pip install -e '.[gcs]')") from e
+
+
+def glob_paths(pattern: str) -> list[str]:
+  """Sorted matches of one glob: local (with ~), or remote (gs://...) through etils.epath."""
+  if workdir_lib.is_remote(pattern):
+    return _glob_remote(pattern)
+  if pattern.startswith("file://"):
+    pattern = pattern[len("file://"):]
+  return sorted(glob.glob(os.path.expanduser(pattern)))
+
+
 def expand_paths(paths: str | Sequence[str], field: str = "config.data.paths") -> list[str]:
-  """Comma-separated globs (or a list of them) -> sorted existing files; errors name the field."""
+  """Comma-separated globs (or a list of them) -> sorted existing files; errors name the field.
+  gs:// globs (`*`, `?`, `[...]`; not `**`) are listed through etils.epath and stay URLs
+  (ArrayRecord and JSONL read them)."""
   if isinstance(paths, str):
     paths = [p for p in paths.split(",") if p.strip()]
   files = []
   for pattern in paths:
-    matched = sorted(glob.glob(os.path.expanduser(pattern.strip())))
+    if workdir_lib.is_remote(pattern.strip()) and "**" in pattern:
+      raise ValueError(f"{field}: {pattern.strip()!r}: '**' is not supported in gs:// globs "
+                       "(etils.epath refuses it: one listing per directory); use '*' per level")
+    matched = glob_paths(pattern.strip())
     if not matched:
       raise FileNotFoundError(f"{field}: {pattern!r} matches no file")
     files.extend(matched)
@@ -159,8 +205,7 @@ class JsonlSource(_CheckedSource):
     self._where: list[tuple[str, int]] = []
     self._paths, self._files, self._check = paths, expand_paths(paths), check
     for path in self._files:
-      opener = gzip.open if path.endswith(".gz") else open
-      with opener(path, "rb") as f:
+      with _open_lines(path) as f:
         for number, line in enumerate(f, 1):
           if line.strip():
             self._lines.append(line)

@@ -192,7 +192,10 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_path: str, 
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-  """A sentencepiece `.model` file, or a Hugging Face directory with tokenizer.json."""
+  """A sentencepiece `.model` file, or a Hugging Face directory with tokenizer.json; a gs://
+  one is copied to local disk first (`dcjax.workdir.local_copy`)."""
+  from dcjax import workdir  # pylint: disable=import-outside-toplevel
+  path = workdir.local_copy(path)
   if os.path.isdir(path):
     return HFTokenizer(path)
   if os.path.isfile(path):

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dcjax import workdir as workdir_lib
 from dcjax.model.config import ModelConfig
 from dcjax.model.params import abstract_params, param_shardings
 # config.json handling lives in hf_config; its names are re-exported here for callers.
@@ -205,6 +206,7 @@ def load_pretrained(path: str, dtype: str = "float32", mesh=None, *,
   `compute_dtype` sets the config's matmul dtype (defaults to `dtype`). With a mesh, each
   tensor is placed directly into the sharding the logical-axis rules give it.
   """
+  path = workdir_lib.local_copy(path)  # gs:// -> a local copy, which safetensors memory-maps
   config, raw = read_config(path)
   config = dataclasses.replace(config, param_dtype=dtype, dtype=compute_dtype or dtype)
   tensors = _Tensors(path)

@@ -159,8 +159,10 @@ def read_config_dict(raw: dict, where: str) -> ModelConfig:
 
 
 def read_config(path: str) -> tuple[ModelConfig, dict]:
-  """(ModelConfig, raw dict) from the `config.json` in checkpoint directory `path`."""
-  cfg_file = os.path.join(path, CONFIG_FILE)
+  """(ModelConfig, raw dict) from the `config.json` in checkpoint directory `path` (a gs://
+  directory is copied to local disk first: `dcjax.workdir.local_copy`)."""
+  from dcjax import workdir  # pylint: disable=import-outside-toplevel
+  cfg_file = os.path.join(workdir.local_copy(path), CONFIG_FILE)
   if not os.path.exists(cfg_file):
     raise CheckpointError(f"{cfg_file} not found: a Hugging Face checkpoint directory needs "
                           f"{CONFIG_FILE}")

@@ -10,10 +10,12 @@ grain prompt iterator in `<workdir>/checkpoints/` (a rerun resumes), SIGTERM / S
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from dcjax import workdir as workdir_lib
 from dcjax.data import tokenizer as tokenizer_lib
@@ -31,11 +33,21 @@ from dcjax.train import checkpoint as ckpt_lib
 from dcjax.train import metrics as metrics_lib
 from dcjax.train import optim
 from dcjax.train import preemption
+from dcjax.train import profiling
 from dcjax.train.reporting import NonFiniteLossError
 
 def _log(message: str) -> None:
+  # tqdm.write clears the progress bar (stderr), prints the line, then redraws the bar.
   if jax.process_index() == 0:
-    print(message, flush=True)
+    tqdm.write(message)
+    sys.stdout.flush()
+
+
+def _progress_bar(total: int, initial: int) -> tqdm:
+  """The iteration bar: process 0 only, and only on a terminal (`disable=None`), so a job's
+  log file gets the log lines and no carriage-return redraws."""
+  return tqdm(total=total, initial=initial, desc="grpo", unit="iter", dynamic_ncols=True,
+              leave=False, disable=None if jax.process_index() == 0 else True)
 
 
 def learner_config(config) -> learner_lib.LearnerConfig:
@@ -161,13 +173,17 @@ def train_grpo(config, workdir: "str | workdir_lib.Workdir", *, reward_fn=None, 
   icfg = iteration_config(config, tok.chat_end_id)
   # Records past the restored step belong to a run that died before saving them: dropped.
   writer = metrics_lib.MetricWriter(wd.local, enabled=jax.process_index() == 0,
-                                    start_step=start_iter)
+                                    start_step=start_iter,
+                                    **metrics_lib.writer_options(config, wd, "grpo/reward"))
+  profiler = profiling.Profiler(config, wd.path("profile"), log=_log)
+  bar = _progress_bar(int(r.steps), start_iter)
   result = dict(stopped="completed", history=[], tokenizer=tok, model_config=model_config,
                 checkpoint_dir=ckpt.directory)
   root = jax.random.wrap_key_data(jax.device_get(state.rng))
   try:
     with RewardWorker() as worker, preemption.Preemption() as signals:
       for it in range(start_iter, int(r.steps)):
+        profiler.before(it, wait_for=state)  # config.profile_steps, in iterations
         ids, mask, index = prompts.collate(next(iterator), int(p.pad_multiple))
         key = jax.random.fold_in(root, it)
         state, m, rewards = iteration.grpo_iteration(
@@ -176,6 +192,8 @@ def train_grpo(config, workdir: "str | workdir_lib.Workdir", *, reward_fn=None, 
         ckpt.check()  # a failed background save stops the run here, not an interval later
         m["iteration"], m["optimizer_step"] = done, done * int(r.num_iterations)
         result["history"].append(m)
+        bar.update(1)
+        bar.set_postfix(reward=f"{m['reward']:.3f}", kl=f"{m['kl']:.4f}", refresh=False)
         if done % r.log_every == 0 or done == r.steps or done == start_iter + 1:
           writer.write(done, m, prefix="grpo")
           _log(_line(done, m))
@@ -194,6 +212,8 @@ def train_grpo(config, workdir: "str | workdir_lib.Workdir", *, reward_fn=None, 
           _log(f"preempted after iteration {done}: checkpoint saved to {ckpt.directory}")
           break
   finally:
+    profiler.stop()
+    bar.close()
     ckpt.close()
     writer.close()
     wd.push()

@@ -21,7 +21,7 @@ from dcjax.data import pipeline, sources, tokenizer_cache
 from dcjax.model.loading import load_or_init
 from dcjax.parallel import mesh as mesh_lib
 from dcjax.train import checkpoint as ckpt_lib
-from dcjax.train import completion, metrics as metrics_lib, preemption
+from dcjax.train import completion, metrics as metrics_lib, preemption, profiling
 from dcjax.train import reporting
 from dcjax.train import state as state_lib
 from dcjax.train import programs
@@ -140,7 +140,9 @@ def _train(config, wd: workdir_lib.Workdir, ckpt: ckpt_lib.Checkpointer, hooks) 
   reporter = reporting.Reporter(
       wd.local, total_steps=t.steps, start_step=start_step, log_every=t.log_every,
       tokens_per_step=tokens_per_step, flops_per_step=flops_per_step, peak_flops=peak,
-      latest_checkpoint=latest_checkpoint, hooks=hooks)
+      latest_checkpoint=latest_checkpoint, hooks=hooks,
+      writer_options=metrics_lib.writer_options(config, wd, "train/loss"))
+  profiler = profiling.Profiler(config, wd.path("profile"), log=log)
 
   def evaluate(step, params):
     metrics = reporting.held_out(eval_fn, eval_set, params, mesh, config.seed)
@@ -149,15 +151,17 @@ def _train(config, wd: workdir_lib.Workdir, ckpt: ckpt_lib.Checkpointer, hooks) 
 
   try:
     state, stopped = _loop(state, start_step, compiled, iterator, reporter, evaluate, ckpt,
-                           meta, mesh, t)
+                           meta, mesh, t, profiler)
   finally:
+    profiler.stop()
     reporter.close()
   return dict(state=state, stopped=stopped, steps_done=int(jax.device_get(state.step)),
               last_metrics=reporter.last_metrics, eval_metrics=reporter.eval_metrics,
               tokenizer=tok, model_config=model_config, checkpoint_dir=ckpt.directory)
 
 
-def _loop(state, start_step, compiled, iterator, reporter, evaluate, ckpt, meta, mesh, t):
+def _loop(state, start_step, compiled, iterator, reporter, evaluate, ckpt, meta, mesh, t,
+          profiler=None):
   """The step loop: (final state, "completed" | "preempted").
 
   A step's metrics are fetched after the next step is dispatched; at a sync point (eval,
@@ -170,6 +174,8 @@ def _loop(state, start_step, compiled, iterator, reporter, evaluate, ckpt, meta,
       evaluate(0, state.params)
     reporter.restart_clock()
     for step in range(start_step, t.steps):
+      if profiler is not None:
+        profiler.before(step, wait_for=state)  # config.profile_steps
       data_start = time.perf_counter()
       batch = pipeline.to_global(next(iterator), mesh)
       data_time = time.perf_counter() - data_start

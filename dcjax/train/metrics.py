@@ -13,6 +13,8 @@ import functools
 import json
 import os
 import time
+import uuid
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -86,18 +88,26 @@ def peak_flops(devices=None, cpu_dtype=jnp.float32) -> tuple[float, str]:
 
 
 class MetricWriter:
-  """JSONL (`metrics.jsonl`) + TensorBoard event files in the workdir; host 0 only.
+  """JSONL (`metrics.jsonl`) + TensorBoard event files in the workdir, and Weights & Biases
+  when `wandb.project` is set; host 0 only.
 
   `start_step`: the step a run starts from (a restored checkpoint's, or 0). The records of
   later steps come from a run that went on past its last checkpoint; this run redoes those
   steps, so they are dropped (and hidden in TensorBoard), and each step keeps one record.
+  `hparams`: the run's config (nested dict), written as TensorBoard hparams and as the wandb
+  run's config; `hparam_metric`: the tag the hparams dashboard shows beside it. `sync`: called
+  after each write (a mirrored workdir's throttled push).
   """
 
-  def __init__(self, workdir: str, enabled: bool = True, start_step: int | None = None):
+  def __init__(self, workdir: str, enabled: bool = True, start_step: int | None = None, *,
+               hparams: dict | None = None, hparam_metric: str = "train/loss",
+               wandb=None, sync: Callable[[], object] | None = None):
     self.enabled = enabled
     self.dropped = 0
     self._jsonl = None
     self._tb = None
+    self._wandb = None
+    self._sync = sync
     if enabled:
       os.makedirs(workdir, exist_ok=True)
       path = os.path.join(workdir, "metrics.jsonl")
@@ -112,6 +122,10 @@ class MetricWriter:
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
       except ImportError:
         self._tb = None
+      if self._tb is not None and hparams:
+        write_hparams(self._tb, hparams, hparam_metric)
+      if wandb is not None and wandb.get("project"):
+        self._wandb = start_wandb(wandb, workdir, hparams or {})
 
   def write(self, step: int, metrics: dict[str, float], prefix: str = "train") -> None:
     if not self.enabled:
@@ -123,12 +137,81 @@ class MetricWriter:
       for key, value in record.items():
         if key != "step":
           self._tb.add_scalar(key, value, int(step))
+      self._tb.flush()
+    if self._wandb is not None:
+      self._wandb.log(record)
+    if self._sync is not None:
+      self._sync()
 
   def close(self) -> None:
     if self._jsonl is not None:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+    if self._wandb is not None:
+      self._wandb.finish()
+      self._wandb = None
+
+
+def writer_options(config, wd, hparam_metric: str) -> dict:
+  """MetricWriter's keyword arguments for a mode's run: the config as hparams (and the wandb
+  run's config), config.wandb, and a throttled push of a mirrored workdir after each write."""
+  from dcjax import run_config  # pylint: disable=import-outside-toplevel
+  return dict(hparams=run_config.to_json_dict(config), hparam_metric=hparam_metric,
+              wandb=config.get("wandb"), sync=wd.push_logs)
+
+
+def hparam_values(hparams: dict) -> dict:
+  """A nested config -> {"train.lr": 0.01, ...} with the scalar types TensorBoard takes."""
+  from dcjax import run_config  # pylint: disable=import-outside-toplevel
+  out = {}
+  for key, value in run_config.flatten(hparams).items():
+    if isinstance(value, (bool, int, float, str)):
+      out[key] = value
+    else:  # lists, None, empty sections
+      out[key] = json.dumps(value)
+  return out
+
+
+def write_hparams(tb, hparams: dict, metric: str) -> None:
+  """The config into the run's own event file (not the sub-run tensorboardX's add_hparams
+  makes), so the hparams dashboard lists it beside the run's scalars."""
+  from tensorboardX.summary import hparams as hparams_summary  # pylint: disable=import-outside-toplevel
+  experiment, session_start, _ = hparams_summary(hparam_values(hparams), {metric: None})
+  tb.file_writer.add_summary(experiment)  # the session-end record is left out: the run goes on
+  tb.file_writer.add_summary(session_start)
+  tb.add_text("config", "```\n" + json.dumps(hparams, indent=2, sort_keys=True) + "\n```")
+
+
+WANDB_INSTALL = "pip install -e '.[wandb]'"
+
+
+def start_wandb(section, workdir: str, hparams: dict):
+  """A wandb run for config.wandb (`project`, `entity`, `mode`, `name`) with its files in
+  `<workdir>/wandb`. The run id is kept in `<workdir>/wandb/run_id`, so a resumed run continues
+  the same wandb run; metrics are logged against their own "step" field (a resume redoes the
+  steps after its checkpoint, which wandb's own step counter would refuse)."""
+  try:
+    import wandb  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError(f"config.wandb.project={section.project!r} needs wandb: "
+                      f"{WANDB_INSTALL}") from e
+  directory = os.path.join(workdir, "wandb")
+  os.makedirs(directory, exist_ok=True)
+  id_file = os.path.join(directory, "run_id")
+  if os.path.exists(id_file):
+    with open(id_file) as f:
+      run_id = f.read().strip()
+  else:
+    run_id = uuid.uuid4().hex[:12]
+    with open(id_file, "w") as f:
+      f.write(run_id + "\n")
+  run = wandb.init(project=section.project, entity=section.get("entity") or None,
+                   name=section.get("name") or None, mode=section.get("mode", "offline"),
+                   dir=directory, id=run_id, resume="allow", config=hparams)
+  run.define_metric("step")
+  run.define_metric("*", step_metric="step")
+  return run
 
 
 def drop_records_after(path: str, step: int) -> int:

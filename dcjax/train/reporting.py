@@ -29,9 +29,12 @@ class Reporter:
 
   def __init__(self, workdir: str, *, total_steps: int, start_step: int, log_every: int,
                tokens_per_step: int, flops_per_step: float, peak_flops: float,
-               latest_checkpoint: Callable[[], str], hooks: Sequence[Callable] = ()):
+               latest_checkpoint: Callable[[], str], hooks: Sequence[Callable] = (),
+               writer_options: dict | None = None):
+    """`writer_options`: MetricWriter's keyword arguments (hparams, wandb, sync)."""
     host0 = jax.process_index() == 0
-    self.writer = metrics_lib.MetricWriter(workdir, enabled=host0, start_step=start_step)
+    self.writer = metrics_lib.MetricWriter(workdir, enabled=host0, start_step=start_step,
+                                           **(writer_options or {}))
     if self.writer.dropped:
       log(f"metrics.jsonl: dropped {self.writer.dropped} records of the steps after "
           f"{start_step}, which this run redoes")
