@@ -29,6 +29,7 @@ MODES = {
     "eval": "dcjax.modes.eval:run",
     "grpo": "dcjax.modes.grpo:run",
     "compile": "dcjax.modes.compile:run",
+    "export": "dcjax.modes.export:run",
 }
 
 
@@ -81,6 +82,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   wandb = config.get("wandb")
   if wandb is not None and wandb.get("mode", "offline") not in WANDB_MODES:
     raise ConfigError(f"config.wandb.mode={wandb.mode!r} is not one of {WANDB_MODES}")
+  check_model_source(config)
   _, mode_validate = resolve_mode(config.mode)
   if mode_validate is not None:
     mode_validate(config)
@@ -109,12 +111,41 @@ def profile_window(config) -> tuple[int, int] | None:
   return start, end
 
 
+# Which modes read which model source besides hf_dir / config.model (docs/checkpoints.md).
+_SOURCE_MODES = {"init_from": ("train", "grpo"), "checkpoint_dir": ("sample", "eval")}
+
+
+def check_model_source(config) -> None:
+  """At most one of hf_dir / init_from / checkpoint_dir, and each only where it is read."""
+  for field, modes in _SOURCE_MODES.items():
+    value = config.get(field) or ""
+    if not value:
+      continue
+    mode = config.get("mode")
+    if mode not in modes:
+      other = [f for f, m in _SOURCE_MODES.items() if mode in m]
+      hint = f"; mode {mode!r} reads config.{other[0]}" if other else ""
+      raise ConfigError(f"config.{field}={value!r} is read by mode {' / '.join(modes)} only, "
+                        f"not config.mode={mode!r}{hint}")
+    if config.get("hf_dir"):
+      raise ConfigError(f"config.{field}={value!r} and config.hf_dir={config.hf_dir!r} are both "
+                        f"set: the model comes from one of them; empty the other")
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Shared defaults that every file under configs/ starts from."""
   c = ml_collections.ConfigDict()
   c.mode = "inspect"
   c.seed = 0
   c.hf_dir = ""
+  # docs/checkpoints.md: a previous run's orbax workdir "W" or "W:step" as the model (params
+  # only, fresh optimiser, step 0; model config and tokenizer from that run) of train / grpo
+  # (init_from) or of sample / eval (checkpoint_dir).
+  c.init_from = ""
+  c.checkpoint_dir = ""
+  # mode=export: the workdir's checkpoint as a Hugging Face directory; step -1 = the latest.
+  c.export_dir = ""
+  c.export_step = -1
   c.multihost = False  # True forces jax.distributed.initialize(); TPU pods are auto-detected.
   # Explicit multi-process setup (GPU clusters, several processes on one machine); empty
   # coordinator_address = auto-detect. See dcjax/parallel/distributed.py.

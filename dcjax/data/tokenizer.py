@@ -82,6 +82,7 @@ class HFTokenizer(Tokenizer):
       raise FileNotFoundError(f"{tok_file} not found: a Hugging Face tokenizer directory needs "
                               "tokenizer.json (and tokenizer_config.json)")
     self._tok = _Tok.from_file(tok_file)
+    self.path = path  # what a checkpoint records (dcjax.train.handoff)
     cfg_file = os.path.join(path, "tokenizer_config.json")
     cfg = {}
     if os.path.exists(cfg_file):
@@ -122,6 +123,7 @@ class SentencePieceTokenizer(Tokenizer):
 
   def __init__(self, model_path: str | None = None, *, model_proto: bytes | None = None):
     import sentencepiece as spm  # pylint: disable=import-outside-toplevel
+    self.path = model_path  # what a checkpoint records (dcjax.train.handoff)
     if model_proto is None:
       if model_path is None or not os.path.exists(model_path):
         raise FileNotFoundError(f"sentencepiece model {model_path!r} not found")
@@ -191,12 +193,19 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_path: str, 
   return SentencePieceTokenizer(model_path)
 
 
+SP_IN_DIR = "tokenizer.model"  # a sentencepiece model in a checkpoint directory (mode=export)
+
+
 def load_tokenizer(path: str) -> Tokenizer:
-  """A sentencepiece `.model` file, or a Hugging Face directory with tokenizer.json; a gs://
-  one is copied to local disk first (`dcjax.workdir.local_copy`)."""
+  """A sentencepiece `.model` file, a Hugging Face directory with tokenizer.json, or a
+  directory with only a sentencepiece `tokenizer.model` (what mode=export writes for one).
+  A gs:// one is copied to local disk first (`dcjax.workdir.local_copy`)."""
   from dcjax import workdir  # pylint: disable=import-outside-toplevel
   path = workdir.local_copy(path)
   if os.path.isdir(path):
+    sp_file = os.path.join(path, SP_IN_DIR)
+    if not os.path.exists(os.path.join(path, "tokenizer.json")) and os.path.exists(sp_file):
+      return SentencePieceTokenizer(sp_file)
     return HFTokenizer(path)
   if os.path.isfile(path):
     return SentencePieceTokenizer(path)

@@ -1,7 +1,7 @@
 """The tokenizer a training run uses: a given file, the checkpoint's, or one trained and cached.
 
 Order: `config.data.tokenizer` (a .model file or HF directory), else `config.hf_dir`'s
-tokenizer, else a sentencepiece model trained on the training documents and cached at
+tokenizer, else the tokenizer of the `config.init_from` run (passed in as `init_from_path`), else a sentencepiece model trained on the training documents and cached at
 `<workdir>/tokenizer/sp<vocab>.model`. On several hosts process 0 trains it and the others read
 it through the workdir, which must then be shared (a gs:// bucket or a shared filesystem).
 """
@@ -25,13 +25,16 @@ def training_texts(docs, text_field: str, max_chars: int):
       return
 
 
-def get_tokenizer(config, workdir: str, train_docs=None, log=print):
+def get_tokenizer(config, workdir: str, train_docs=None, log=print,
+                  init_from_path: str | None = None):
   """Loads or trains the run's tokenizer (see the module docstring)."""
   data = config.data
   if data.get("tokenizer"):
     return tokenizer_lib.load_tokenizer(data.tokenizer)
   if config.get("hf_dir"):
     return tokenizer_lib.load_tokenizer(config.hf_dir)
+  if init_from_path:
+    return tokenizer_lib.load_tokenizer(init_from_path)
   vocab = int(data.get("tokenizer_vocab_size") or config.model.vocab_size)
   if train_docs is None:
     raise ValueError("config.data.tokenizer is empty and no documents were given to train one")

@@ -90,7 +90,8 @@ def run_eval(config: Any, generate_fn: GenerateFn, *, workdir: str = "",
   if output_dir and "sampler" in config:
     with open(report.paths["summary"], "w", encoding="utf-8") as f:
       json.dump({**report.summary(), "sampler": dict(config.sampler),
-                 "hf_dir": config.get("hf_dir", "")}, f, indent=2)
+                 "hf_dir": config.get("hf_dir", ""),
+                 "checkpoint_dir": config.get("checkpoint_dir", "")}, f, indent=2)
   if host0:
     print(report.table())
   return report

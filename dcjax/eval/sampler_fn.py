@@ -14,6 +14,7 @@ from dcjax.diffusion.sampler_config import sampler_kwargs
 from dcjax.diffusion.sampler import generate
 from dcjax.parallel.sharding import to_host
 from dcjax.parallel.rules import MESH_AXES
+from dcjax.train import handoff
 
 PROMPT_BUCKET = 64  # prompt lengths are padded to a multiple of this: few compiled shapes
 
@@ -21,11 +22,13 @@ PROMPT_BUCKET = 64  # prompt lengths are padded to a multiple of this: few compi
 def make_generate_fn(config, mesh):
   """generate_fn(prompts, n) -> n completions per prompt, cut at the stop tokens.
 
-  The model and tokenizer come from `config.hf_dir` (or a random `config.model` with the
-  byte tokenizer when it is empty); sampling settings from `config.sampler`. Each call
+  The model and tokenizer come from `config.hf_dir`, or a previous run's orbax workdir
+  `config.checkpoint_dir` (with the tokenizer it used), or a random `config.model` with the
+  byte tokenizer when both are empty; sampling settings from `config.sampler`. Each call
   draws from a fresh key folded from `config.seed`.
   """
-  model_config, params, tokenizer = load_model_and_tokenizer(config, mesh)
+  model_config, params, tokenizer = load_model_and_tokenizer(
+      config, mesh, handoff.from_config(config, "checkpoint_dir"))
   kwargs = sampler_kwargs(config.sampler)
   shards = int(np.prod([mesh.shape[a] for a in MESH_AXES[:2]]))
   calls = itertools.count()

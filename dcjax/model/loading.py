@@ -21,16 +21,22 @@ def model_config_of(config) -> ModelConfig:
   return model_config
 
 
-def load_or_init(config, mesh, *, restoring: bool = False):
+def load_or_init(config, mesh, *, restoring: bool = False, source=None):
   """(ModelConfig, params; None when `restoring`, since the checkpoint brings them).
 
-  With `config.hf_dir`, the checkpoint's config.json and weights (placed straight into their
-  shards on `mesh`) in `config.model.param_dtype`, with `config.model`'s runtime fields
-  (compute dtype, remat, attention implementation) on top; otherwise `config.model` and a
-  sharded random init from `config.seed`.
+  With `source` (a previous run's orbax checkpoint: `dcjax.train.handoff.Source`, from
+  `config.init_from` / `config.checkpoint_dir`; the mode runners open it and pass it in), its
+  saved model config and params; with `config.hf_dir`, the checkpoint's config.json and
+  weights (placed straight into their shards on `mesh`) in `config.model.param_dtype`. Either
+  way `config.model`'s runtime fields (compute dtype, remat, attention implementation) go on
+  top. Otherwise `config.model` and a sharded random init from `config.seed`.
   """
+  model = config.model if "model" in config else {}
+  overrides = {k: model[k] for k in RUNTIME_FIELDS if k in model}
+  if source is not None:
+    model_config = dataclasses.replace(source.model_config, **overrides)
+    return model_config, None if restoring else source.load_params(model_config, mesh)
   if config.get("hf_dir"):
-    model = config.model if "model" in config else {}
     param_dtype = model.get("param_dtype", "float32")
     if restoring:
       model_config, params = hf.read_config(config.hf_dir)[0], None
@@ -38,7 +44,6 @@ def load_or_init(config, mesh, *, restoring: bool = False):
                                          dtype=param_dtype)
     else:
       model_config, params = hf.load_pretrained(config.hf_dir, dtype=param_dtype, mesh=mesh)
-    overrides = {k: model[k] for k in RUNTIME_FIELDS if k in model}
     return dataclasses.replace(model_config, **overrides), params
   model_config = model_config_of(config)
   if restoring:

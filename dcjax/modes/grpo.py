@@ -18,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dcjax import workdir as workdir_lib
+from dcjax.config import ConfigError
 from dcjax.data import tokenizer as tokenizer_lib
 from dcjax.data import tokenizer_cache
 from dcjax.diffusion import sampler_config
@@ -30,6 +31,7 @@ from dcjax.rl.grpo_config import validate  # noqa: F401  (the mode's validation 
 from dcjax.rl.loss import PolicyLossConfig
 from dcjax.rl.reward_worker import RewardWorker, TextReward
 from dcjax.train import checkpoint as ckpt_lib
+from dcjax.train import handoff
 from dcjax.train import metrics as metrics_lib
 from dcjax.train import optim
 from dcjax.train import preemption
@@ -76,13 +78,20 @@ def make_optimizer(config):
                               int(config.rl.steps) * int(config.rl.num_iterations))
 
 
-def get_tokenizer(config, workdir: "str | workdir_lib.Workdir", tasks):
-  """config.prompts.tokenizer, else hf_dir's, else sentencepiece trained on the tasks (cached)."""
+def get_tokenizer(config, workdir: "str | workdir_lib.Workdir", tasks, init_from=None):
+  """config.prompts.tokenizer, else hf_dir's, else the config.init_from run's (`init_from`, a
+  `handoff.Source`), else sentencepiece trained on the tasks (cached)."""
   p = config.prompts
   if p.tokenizer:
     return tokenizer_lib.load_tokenizer(p.tokenizer)
   if config.get("hf_dir"):
     return tokenizer_lib.load_tokenizer(config.hf_dir)
+  if init_from is not None:
+    if not init_from.tokenizer_path:
+      raise ConfigError(f"config.init_from: checkpoint {init_from.where} records no tokenizer "
+                        "and its workdir has no tokenizer/sp*.model; set "
+                        "config.prompts.tokenizer to the one that run used")
+    return tokenizer_lib.load_tokenizer(init_from.tokenizer_path)
 
   def train(path):
     texts = []
@@ -125,11 +134,13 @@ def train_grpo(config, workdir: "str | workdir_lib.Workdir", *, reward_fn=None, 
   _log(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices")
   tasks = prompts.make_tasks(p)
   wd = workdir_lib.resolve(workdir)
-  tok = get_tokenizer(config, wd, tasks)
+  init_from = handoff.from_config(config, "init_from")  # params only; fresh optimiser
+  tok = get_tokenizer(config, wd, tasks, init_from)
   ckpt = ckpt_lib.Checkpointer.from_config(wd.checkpoints, config.checkpoint, after_save=wd.push,
                                           log=_log)
   latest = ckpt.latest_step() if config.checkpoint.restore else None
-  model_config, params = load_or_init(config, mesh, restoring=latest is not None)
+  model_config, params = load_or_init(config, mesh, restoring=latest is not None,
+                                      source=init_from)
   if model_config.mask_token_id is None:
     model_config = dataclasses.replace(model_config, mask_token_id=tok.mask_id)
   tokenizer_cache.check_against_model(tok, model_config)
@@ -151,6 +162,7 @@ def train_grpo(config, workdir: "str | workdir_lib.Workdir", *, reward_fn=None, 
       shard_index=jax.process_index(), shard_count=hosts))
   abstract = learner.abstract_state()
   meta = _meta(model_config, config, abstract)
+  meta["tokenizer"] = handoff.tokenizer_record(tok, wd)  # read by handoff; not compared
   if latest is not None:
     latest, state = ckpt.restore_latest(abstract, iterator, meta)  # the newest that verifies
     _log(f"restored iteration {latest} from {ckpt.directory}")
@@ -237,7 +249,7 @@ def run(config, workdir: "str | workdir_lib.Workdir") -> None:
   start = time.perf_counter()
   try:
     result = train_grpo(config, workdir)
-  except (NonFiniteLossError, ckpt_lib.CheckpointError) as e:
+  except (NonFiniteLossError, ckpt_lib.CheckpointError, ConfigError) as e:
     raise SystemExit(f"error: {e}") from None
   hist = result["history"]
   if hist:

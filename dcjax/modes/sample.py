@@ -1,4 +1,5 @@
-"""`mode="sample"`: load a model (or build a random tiny one), sample, print completions.
+"""`mode="sample"`: load a model (`hf_dir`, a previous run's `checkpoint_dir`, or a random tiny
+one), sample, print completions.
 
 Writes `completions.jsonl` to the workdir, and with `config.visualize` the decoding-order
 pictures `decoding_order.html` and `decoding_order.png`.
@@ -22,6 +23,7 @@ from dcjax.diffusion.sampler_config import sampler_kwargs, validate_sampler
 from dcjax.parallel import mesh as mesh_lib
 from dcjax.parallel import sharding
 from dcjax.parallel.rules import MESH_AXES
+from dcjax.train import handoff
 
 
 def validate(config) -> None:
@@ -39,7 +41,8 @@ def run(config, workdir: "str | workdir_lib.Workdir") -> None:
   validate(config)
   wd = workdir_lib.resolve(workdir)
   mesh = mesh_lib.make_mesh(config.mesh)
-  model_config, params, tokenizer = load_model_and_tokenizer(config, mesh)
+  model_config, params, tokenizer = load_model_and_tokenizer(
+      config, mesh, handoff.from_config(config, "checkpoint_dir"))
   text = config.prompt
   if config.get("chat", False):
     text = decode.chat_prompt(tokenizer, text, assistant_prefix=config.get("assistant_prefix", ""))

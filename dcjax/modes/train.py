@@ -22,6 +22,7 @@ from dcjax.model.loading import load_or_init
 from dcjax.parallel import mesh as mesh_lib
 from dcjax.train import checkpoint as ckpt_lib
 from dcjax.train import completion, metrics as metrics_lib, preemption, profiling
+from dcjax.train import handoff
 from dcjax.train import reporting
 from dcjax.train import state as state_lib
 from dcjax.train import programs
@@ -30,10 +31,11 @@ from dcjax.train.reporting import NonFiniteLossError, log
 from dcjax.train.train_config import check_seq_len, loss_config
 from dcjax.train.train_config import validate  # noqa: F401 (the mode's validation hook)
 
-def _model(config, mesh, restoring: bool, tok):
-  """`model.loading.load_or_init`; a checkpoint without a mask id in its config.json (an AR
-  model being adapted) gets the tokenizer's <|mask|>."""
-  model_config, params = load_or_init(config, mesh, restoring=restoring)
+def _model(config, mesh, restoring: bool, tok, source=None):
+  """`model.loading.load_or_init` (from `source`, config.init_from's checkpoint, when set); a
+  checkpoint without a mask id in its config.json (an AR model being adapted) gets the
+  tokenizer's <|mask|>."""
+  model_config, params = load_or_init(config, mesh, restoring=restoring, source=source)
   if model_config.mask_token_id is None:
     model_config = dataclasses.replace(model_config, mask_token_id=tok.mask_id)
   return model_config, params
@@ -76,11 +78,22 @@ def _train(config, wd: workdir_lib.Workdir, ckpt: ckpt_lib.Checkpointer, hooks) 
   sources.require_text(train_docs, d, "training", source)
   if t.eval_batches:
     sources.require_text(eval_docs, d, "held-out", source)
-  tok = tokenizer_cache.get_tokenizer(config, wd, train_docs, log=log)
+  init_from = handoff.from_config(config, "init_from")  # params only; step 0, fresh AdamW
+  if init_from is not None and not (init_from.tokenizer_path or d.get("tokenizer")):
+    raise config_lib.ConfigError(
+        f"config.init_from: checkpoint {init_from.where} records no tokenizer and its workdir "
+        "has no tokenizer/sp*.model; set config.data.tokenizer to the one that run used")
+  tok = tokenizer_cache.get_tokenizer(config, wd, train_docs, log=log,
+                                      init_from_path=init_from and init_from.tokenizer_path)
   latest = ckpt.latest_step() if config.checkpoint.restore else None
-  model_config, params = _model(config, mesh, restoring=latest is not None, tok=tok)
-  if config.get("hf_dir"):
-    check_seq_len(config, model_config, f"{config.hf_dir}/config.json")
+  model_config, params = _model(config, mesh, restoring=latest is not None, tok=tok,
+                                source=init_from)
+  if init_from is not None and latest is None:
+    log(f"initialised from {init_from.where} (params only: step 0, fresh optimiser state)")
+  if config.get("hf_dir") or init_from is not None:
+    where = (f"{init_from.where} meta" if init_from is not None
+             else f"{config.hf_dir}/config.json")
+    check_seq_len(config, model_config, where)
   tokenizer_cache.check_against_model(tok, model_config)
   program = programs.train_program(config, model_config, mesh, tok.mask_id)
   tx, shardings = program.tx, program.shardings
@@ -92,7 +105,8 @@ def _train(config, wd: workdir_lib.Workdir, ckpt: ckpt_lib.Checkpointer, hooks) 
   seed = config.seed if d.shuffle_seed < 0 else d.shuffle_seed
   iterator = iter(pipeline.dataset_from_config(
       d, train_docs, tok, batch_size=t.batch_size // shard.count, seed=seed, shard=shard))
-  meta = ckpt_lib.make_meta(model_config, config, abstract)
+  meta = ckpt_lib.make_meta(model_config, config, abstract,
+                            tokenizer=handoff.tokenizer_record(tok, wd))
   if latest is not None:
     latest, state = ckpt.restore_latest(abstract, iterator, meta)  # the newest that verifies
     log(f"restored step {latest} from {ckpt.directory}")

@@ -176,7 +176,8 @@ def validate(config) -> None:
     raise ConfigError(f"config.prompts.path is empty but config.prompts.source="
                           f"{p.source!r} reads a JSONL file")
   _int(p, "max_prompt_len", "config.prompts")
-  if not config.get("hf_dir") and "model" in config:  # hf_dir: the sampler checks each canvas
+  # hf_dir / init_from: the sampler checks each canvas
+  if not (config.get("hf_dir") or config.get("init_from")) and "model" in config:
     _check_canvas(config)
   _int(p, "pad_multiple", "config.prompts")
   if not config.rl.logp_attention_mask and p.pad_multiple != 1:
@@ -186,7 +187,8 @@ def validate(config) -> None:
         f"release's scoring needs config.prompts.pad_multiple=1 (pad to the batch's longest)")
   _int(p, "synthetic_tasks", "config.prompts")
   _int(p, "tokenizer_vocab_size", "config.prompts", 0)
-  if not p.tokenizer and not config.get("hf_dir") and not p.tokenizer_vocab_size:
+  if (not p.tokenizer and not config.get("hf_dir") and not config.get("init_from")
+      and not p.tokenizer_vocab_size):
     raise ConfigError("config.prompts.tokenizer is empty, config.hf_dir is unset and "
                           "config.prompts.tokenizer_vocab_size=0 (do not train one): set "
                           "config.hf_dir (or config.prompts.tokenizer)")

@@ -275,15 +275,19 @@ class Checkpointer:
       self.manager.close()
 
 
-def make_meta(model_config, config, state) -> dict[str, Any]:
-  """What a resumed run must agree on, plus the state's shapes for a clear mismatch error."""
-  return dict(
+def make_meta(model_config, config, state, tokenizer: str | None = None) -> dict[str, Any]:
+  """What a resumed run must agree on, plus the state's shapes for a clear mismatch error and
+  the tokenizer the run uses (`dcjax.train.handoff.tokenizer_record`; not compared)."""
+  meta = dict(
       model={k: v for k, v in model_config.to_dict().items()
              if k not in RUNTIME_FIELDS},
       data=dict(kind=config.data.kind, seq_len=int(config.data.seq_len)),
       train=dict(batch_size=int(config.train.batch_size)),
       state_shapes={k: list(v) for k, v in _flat_shapes(state).items()},
   )
+  if tokenizer:
+    meta["tokenizer"] = tokenizer
+  return meta
 
 
 def check_compatible(saved: dict[str, Any], expected: dict[str, Any], where: str) -> None:

@@ -101,7 +101,8 @@ def validate(config) -> None:
     raise ConfigError(f"config.train.eval_batches={t.eval_batches} but config.data."
                            "eval_docs=0: no held-out records to evaluate on (set eval_docs > 0, "
                            "or eval_batches=0 for no held-out evaluation)")
-  if not config.get("hf_dir") and "model" in config:  # hf_dir: checked after config.json is read
+  # hf_dir / init_from: checked once the checkpoint's model config is read
+  if not (config.get("hf_dir") or config.get("init_from")) and "model" in config:
     try:
       model_config = ModelConfig.from_dict(config.model.to_dict())
     except (TypeError, ValueError):
