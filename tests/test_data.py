@@ -58,12 +58,6 @@ def test_jsonl_gz_and_array_record_sources(tmp_path):
     sources.JsonlSource(str(tmp_path / "missing*.jsonl"))
 
 
-def test_tfds_source_when_installed():
-  pytest.importorskip("tensorflow_datasets")
-  with pytest.raises(Exception):
-    sources.TfdsSource("no_such_dataset_dcjax")
-
-
 def test_stdlib_source_is_the_default_corpus():
   source = sources.StdlibSource()
   assert len(source) > 500
