@@ -4,6 +4,10 @@
       --config.hf_dir=/path/to/DiffuCoder-7B-Base \\
       --config.data.paths='/mnt/sft/*.jsonl.gz'
 
+After this repo's adaptation stage (configs/diffucoder_7b_adapt.py), start from its workdir
+instead of a Hugging Face directory: replace hf_dir with
+--config.init_from=gs://BUCKET/runs/adapt (the newest checkpoint; `:STEP` picks one).
+
 Run on every host of a TPU pod slice. Records are chat samples {"messages": [{"role",
 "content"}, ..., {"role": "assistant", ...}]} or {"prompt", "response"}; each becomes
 ChatML prompt + response + <|im_end|>, padded with <|dlm_pad|> to 2048 tokens (docs/losses.md): the

@@ -5,6 +5,10 @@ completions sampled per compiled call.
   python -m dcjax.main --config configs/eval_diffucoder_7b.py --workdir runs/eval7b \\
       --config.hf_dir=/path/to/DiffuCoder-7B-Instruct
 
+After this repo's coupled-GRPO stage (configs/grpo_diffucoder_7b.py), evaluate its workdir
+directly: replace hf_dir with --config.checkpoint_dir=gs://BUCKET/runs/cpgrpo; or export it
+first (--config.mode=export, docs/checkpoints.md).
+
 What the compiled sampler needs per chip (BUILD.md, "Memory per chip"):
   python -m dcjax.main --config configs/eval_diffucoder_7b.py --config.mode=compile \\
       --config.compile_topology=v5p-8

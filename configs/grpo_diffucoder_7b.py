@@ -4,6 +4,9 @@
       --config.hf_dir=/path/to/DiffuCoder-7B-Instruct \\
       --config.prompts.path=/path/to/acecode_hard.jsonl
 
+After this repo's SFT stage (configs/diffucoder_7b_sft.py), replace hf_dir with
+--config.init_from=gs://BUCKET/runs/sft.
+
 Run it on every host of the slice (launch/ scripts). Weights load straight into their FSDP
 layout; the policy, the AdamW moments and the reference (fp32) take about 120 GB, i.e. about
 7.5 GB per chip on 16 chips (v4-32 / v5p-32) before activations (rematerialised per layer).
