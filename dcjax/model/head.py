@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from dcjax.model.config import ModelConfig
+from dcjax.model.layers import matmul
 
 ACT_LOGITS = ("activation_batch", "activation_length", "activation_vocab")
 
@@ -27,8 +28,7 @@ def chunk_size(length: int, chunk: int) -> int:
 
 def _chunk_stats(config: ModelConfig, hidden_BxCxD, kernel_DxV, labels_BxC, with_entropy):
   dtype = jnp.dtype(config.dtype)
-  logits_BxCxV = jnp.tensordot(hidden_BxCxD.astype(dtype), kernel_DxV.astype(dtype),
-                               axes=((2,), (0,)))
+  logits_BxCxV = matmul(hidden_BxCxD.astype(dtype), kernel_DxV.astype(dtype), 1)
   logits_BxCxV = nn.with_logical_constraint(logits_BxCxV, ACT_LOGITS).astype(jnp.float32)
   lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
   label_logit_BxC = jnp.take_along_axis(logits_BxCxV, labels_BxC[..., None], axis=-1)[..., 0]
