@@ -25,6 +25,9 @@ REMOTE_LOGS='$HOME/dcjax-logs'
 # matching the ssh shell that runs them, whose own command line mentions dcjax.main.
 PROC_RE='^[^ ]*python[0-9.]* (-[^ ]+ )*-m dcjax[.]main( |$)'
 LIBTPU_LOCK=/tmp/libtpu_lockfile
+# The TCP port every host of a pod connects to on worker 0 in jax.distributed.initialize()
+# (jax 0.10.2 on Cloud TPU; dcjax/parallel/distributed.py names it too). setup.sh opens it.
+COORDINATOR_PORT=8482
 
 die() {  # argument errors: exit status 2
   printf '%s: error: %s\n' "$SCRIPT" "$*" >&2

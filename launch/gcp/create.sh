@@ -19,6 +19,12 @@ Options:
                               v2/v3/v4: tpu-ubuntu2204-base   v5litepod: v2-alpha-tpuv5-lite
                               v5p: v2-alpha-tpuv5             v6e: v2-alpha-tpuv6e
   --project PROJECT         GCP project (env DCJAX_TPU_PROJECT; default: gcloud's)
+  --service-account EMAIL   the account the VMs act as, e.g. for the gs:// workdir (env
+                            DCJAX_SERVICE_ACCOUNT; default: the project's default compute
+                            service account, PROJECT_NUMBER-compute@developer.gserviceaccount.com,
+                            looked up with `gcloud projects describe`)
+  --scopes SCOPES           OAuth scopes of that account (default: cloud-platform; access is
+                            then governed by IAM roles alone). Both are fixed at creation.
   --spot                    spot capacity through a queued resource (can be reclaimed)
   --queued                  on-demand capacity through a queued resource (waits in the queue)
   --valid-until-duration D  give up the queued request after D, e.g. 6h or 1d (with --spot/--queued)
@@ -27,6 +33,10 @@ Options:
   --dry-run                 print the gcloud commands, run nothing
   -h, --help                this help
 Anything after `--` is appended to the gcloud create command (e.g. --network=NET).
+
+On-demand pod slices need on-demand TPU quota, which most projects have at 0 ("Quota limit
+'TPUV4PodPerProjectPerZoneForTPUAPI' has been exceeded. Limit: 0"); spot quota is separate and
+usually granted first: start with --spot (see launch/gcp/README.md, "Capacity and quota").
 USAGE
 }
 
@@ -38,6 +48,8 @@ VERSION=""
 SPOT=0
 QUEUED=0
 VALID_UNTIL=""
+SERVICE_ACCOUNT=${DCJAX_SERVICE_ACCOUNT:-}
+SCOPES=cloud-platform
 WAIT=1
 POLL=30
 EXTRA=()
@@ -49,6 +61,8 @@ while [[ $# -gt 0 ]]; do
     --spot) take_switch; SPOT=1 ;;
     --queued) take_switch; QUEUED=1 ;;
     --valid-until-duration) take_value "$@"; VALID_UNTIL=$VALUE ;;
+    --service-account) take_value "$@"; SERVICE_ACCOUNT=$VALUE ;;
+    --scopes) take_value "$@"; SCOPES=$VALUE ;;
     --no-wait) take_switch; WAIT=0 ;;
     --poll) take_value "$@"; POLL=$VALUE ;;
     --) shift; EXTRA=("$@"); break ;;
@@ -82,21 +96,60 @@ if [[ -n $VALID_UNTIL ]]; then
   [[ $VALID_UNTIL =~ $duration_re ]] ||
     die "--valid-until-duration '$VALID_UNTIL' should be a duration such as 30m, 6h or 1d"
 fi
+email_re='^[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+$'
+if [[ -n $SERVICE_ACCOUNT && ! $SERVICE_ACCOUNT =~ $email_re ]]; then
+  die "--service-account '$SERVICE_ACCOUNT' should be an email, e.g. NAME@PROJECT.iam.gserviceaccount.com"
+fi
+scopes_re='^[A-Za-z0-9._:/-]+(,[A-Za-z0-9._:/-]+)*$'
+[[ $SCOPES =~ $scopes_re ]] || die "--scopes '$SCOPES' should be a comma-separated list such as cloud-platform"
 need_gcloud
 location_flags
 
+# The account the VMs act as: given, or the project's default compute service account (what
+# the TPU API would pick), passed explicitly so that the command says which one it is.
+if [[ -z $SERVICE_ACCOUNT ]]; then
+  if [[ $DRY_RUN == 1 ]]; then
+    note "no --service-account: a real run looks up the project's default compute service account (PROJECT_NUMBER-compute@developer.gserviceaccount.com) and passes it"
+  else
+    project=${PROJECT:-$(gcloud config get-value project 2>/dev/null || true)}
+    number=""
+    if [[ -n $project ]]; then
+      number=$(gcloud projects describe "$project" --format='value(projectNumber)' 2>/dev/null || true)
+    fi
+    if [[ $number =~ ^[0-9]+$ ]]; then
+      SERVICE_ACCOUNT="$number-compute@developer.gserviceaccount.com"
+    else
+      warn "could not look up the number of project '${project:-?}': the TPU API picks its default compute service account (pass --service-account to name one)"
+    fi
+  fi
+fi
+account=()
+if [[ -n $SERVICE_ACCOUNT ]]; then account+=(--service-account="$SERVICE_ACCOUNT"); fi
+account+=(--scopes="$SCOPES")
+
+capacity_hint() {
+  fail "creating $NAME ($TYPE) failed (gcloud's error above)." \
+    "'Quota limit ... has been exceeded. Limit: 0' means the project has no quota of that kind" \
+    "for $TYPE in $ZONE: on-demand pod quota is usually 0 and spot quota is separate, so try" \
+    "--spot; or request quota (Console: IAM & Admin > Quotas, service tpu.googleapis.com), or" \
+    "use a zone your TPU Research Cloud grant names. 'There is no more capacity in the zone'" \
+    "means the zone is full: --spot or --queued waits in the queue instead of failing."
+}
+
 if [[ $QUEUED == 0 ]]; then
   run_cmd gcloud compute tpus tpu-vm create "$NAME" "${LOCATION[@]}" \
-    --accelerator-type="$TYPE" --version="$VERSION" ${EXTRA[@]+"${EXTRA[@]}"}
-  note "next: launch/gcp/setup.sh --name $NAME --zone $ZONE"
+    --accelerator-type="$TYPE" --version="$VERSION" "${account[@]}" \
+    ${EXTRA[@]+"${EXTRA[@]}"} || capacity_hint
+  note "next: launch/gcp/setup.sh --name $NAME --zone $ZONE --workdir gs://BUCKET/runs"
   exit 0
 fi
 
 request=(gcloud compute tpus queued-resources create "$NAME" "${LOCATION[@]}"
-         --node-id="$NAME" --accelerator-type="$TYPE" --runtime-version="$VERSION")
+         --node-id="$NAME" --accelerator-type="$TYPE" --runtime-version="$VERSION"
+         "${account[@]}")
 if [[ $SPOT == 1 ]]; then request+=(--spot); fi
 if [[ -n $VALID_UNTIL ]]; then request+=(--valid-until-duration="$VALID_UNTIL"); fi
-run_cmd "${request[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
+run_cmd "${request[@]}" ${EXTRA[@]+"${EXTRA[@]}"} || capacity_hint
 
 describe=(gcloud compute tpus queued-resources describe "$NAME" "${LOCATION[@]}"
           --format='value(state.state)')
@@ -132,4 +185,4 @@ while :; do
   esac
   sleep "$POLL"
 done
-note "$NAME ($TYPE) is ACTIVE; next: launch/gcp/setup.sh --name $NAME --zone $ZONE"
+note "$NAME ($TYPE) is ACTIVE; next: launch/gcp/setup.sh --name $NAME --zone $ZONE --workdir gs://BUCKET/runs"

@@ -29,6 +29,11 @@ Options:
   --env KEY=VALUE      environment variable for the job; repeatable
   --no-multihost       leave out --config.multihost=True (which makes every host call
                        jax.distributed.initialize(); JAX finds the pod's workers itself)
+  --init-timeout S     seconds jax.distributed.initialize() may take (default: 180); after
+                       that the job stops with an error that names the coordinator's address
+                       and port (TCP 8482 on worker 0) instead of hanging: the usual cause is
+                       a network that does not let the workers reach each other there
+                       (launch/gcp/setup.sh checks for the firewall rule)
   --config.X=V         config override, passed through as given; repeatable
   --dry-run            print the gcloud command, run nothing
   -h, --help           this help
@@ -43,6 +48,7 @@ CONFIG=""
 WORKDIR=""
 RUN_NAME=""
 MULTIHOST=1
+INIT_TIMEOUT=180
 ENVS=()
 OVERRIDES=()
 while [[ $# -gt 0 ]]; do
@@ -53,6 +59,7 @@ while [[ $# -gt 0 ]]; do
     --run-name) take_value "$@"; RUN_NAME=$VALUE ;;
     --env) take_value "$@"; ENVS+=("$VALUE") ;;
     --no-multihost) take_switch; MULTIHOST=0 ;;
+    --init-timeout) take_value "$@"; INIT_TIMEOUT=$VALUE ;;
     --config.*=*) OVERRIDES+=("$1"); SHIFT_BY=1 ;;
     --config.*) die "config override '$1' needs a value: write $1=VALUE" ;;
     --) shift; OVERRIDES+=("$@"); break ;;
@@ -75,8 +82,10 @@ if [[ -z $RUN_NAME ]]; then
 fi
 run_re='^[A-Za-z0-9][A-Za-z0-9._-]*$'
 [[ $RUN_NAME =~ $run_re ]] || die "--run-name '$RUN_NAME' may hold only letters, digits, '.', '_' and '-'"
+check_int --init-timeout "$INIT_TIMEOUT" 1
 env_re='^[A-Za-z_][A-Za-z0-9_]*='
 exports=""
+if [[ $MULTIHOST == 1 ]]; then exports+="export DCJAX_DISTRIBUTED_TIMEOUT=$INIT_TIMEOUT; "; fi
 for kv in ${ENVS[@]+"${ENVS[@]}"}; do
   [[ $kv =~ $env_re ]] || die "--env '$kv' should be KEY=VALUE"
   exports+="export ${kv%%=*}=$(q "${kv#*=}"); "
