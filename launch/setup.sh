@@ -12,3 +12,9 @@ fi
 spec="."
 if [ $# -gt 0 ]; then spec=".[$1]"; fi
 .venv/bin/python -m pip install --quiet -e "$spec"
+# evalplus 0.3.1 without its declared dependencies: they include code-generation SDKs whose
+# protobuf cap (< 6) would break orbax, grain and tfds; what its scoring imports is in the
+# `evalplus` extra (docs/evaluation.md).
+case "$spec" in
+  *test*|*evalplus*) .venv/bin/python -m pip install --quiet --no-deps evalplus==0.3.1 ;;
+esac

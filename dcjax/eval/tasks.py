@@ -14,6 +14,7 @@ import re
 from typing import Iterator
 
 from dcjax.data.sources import DataError, read_jsonl
+from dcjax.eval import evalplus_score
 
 BENCHMARKS = ("humaneval", "mbpp", "humaneval_plus", "mbpp_plus")
 MBPP_SPLITS = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600),
@@ -150,13 +151,15 @@ def _defines(code: str, name: str) -> bool:
 
 def load_evalplus(path: str, plus: bool = True) -> list[Task]:
   """HumanEval+ / MBPP+ records (task_id, prompt, entry_point, canonical_solution and
-  base_input/plus_input/atol, or a `test` code field).
+  base_input/plus_input/atol, or a `test` code field), checked by dcjax's approximate
+  stand-in for EvalPlus's checker.
 
   With inputs, each is checked against the canonical solution's output (floats within
   `atol`, at least 1e-6); `plus=False` keeps only the base inputs. This is close to, not
-  identical with, EvalPlus's own checker (no per-task input deserialisation, special
-  oracles or per-input time limits); for official numbers run `evalplus.evaluate` on the
-  samples file the harness writes.
+  identical with, EvalPlus's own checker (no MBPP+ input deserialisation, special oracles
+  or per-input time limits), so its scores are labelled "approximate"; with the `evalplus`
+  extra installed the harness scores through `evalplus.evaluate` instead
+  (dcjax.eval.evalplus_score).
   """
   tasks = []
   for where, rec in _read_jsonl(path):
@@ -182,16 +185,18 @@ def load_evalplus(path: str, plus: bool = True) -> list[Task]:
 
 
 def load_benchmark(name: str, data_path: str = "") -> list[Task]:
-  """Tasks of one of BENCHMARKS; `data_path` overrides the default file (required for
-  the EvalPlus ones, which are not bundled)."""
+  """Tasks of one of BENCHMARKS; `data_path` overrides the default file (for the EvalPlus
+  ones, which are not bundled, the default is evalplus's own data when it is present:
+  evalplus_score.default_data_path)."""
   if name == "humaneval":
     return load_humaneval(data_path or None)
   if name == "mbpp":
     return load_mbpp(data_path or None)
   if name in ("humaneval_plus", "mbpp_plus"):
+    data_path = data_path or evalplus_score.default_data_path(name)
     if not data_path:
       raise ValueError(f"benchmark {name!r} needs data_path: a local EvalPlus JSONL "
                        f"(e.g. HumanEvalPlus.jsonl / MbppPlus.jsonl from the EvalPlus "
-                       f"releases)")
+                       f"releases), unless evalplus has its data cached")
     return load_evalplus(data_path)
   raise ValueError(f"benchmark {name!r} is not one of {BENCHMARKS}")
