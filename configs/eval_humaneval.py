@@ -43,5 +43,8 @@ def get_config():
       workers=0,  # sandbox workers; 0 = one per host CPU
       batch_size=16,  # tasks per generate_fn call
       limit=0,  # first N tasks only; 0 = all
+      scorer="auto",  # auto | evalplus | approximate (docs/evaluation.md, "Scoring")
+      min_time_limit=1.0,  # evalplus: per-input limit floor, seconds
+      gt_time_limit_factor=4.0,  # evalplus: x the canonical solution's time per input
   ))
   return c
