@@ -15,8 +15,18 @@ A released checkpoint, DiffuCoder's evaluation settings (docs/sampler.md):
       --config.sampler.temperature=0.3 --config.sampler.top_p=0.95 --config.sampler.alg=entropy
 
 Fast-dLLM decoding on top: --config.sampler.block_length=32 --config.sampler.threshold=0.9
---config.sampler.cache=dual. Prints each completion (cut at eos / <|im_end|> / pad), the
-number of steps and tokens/s, and writes completions.jsonl to the workdir.
+--config.sampler.cache=dual. LLaDA's options: --config.sampler.cfg_scale=1.0,
+--config.sampler.alg=random, --config.sampler.logits_eos_inf=True,
+--config.sampler.confidence_eos_eot_inf=True, --config.sampler.early_stop=True.
+
+Infilling (docs/sampler.md): put `<|mask|>` tokens in the prompt, or fill `length` masks between
+a prefix and a suffix after the (chat-wrapped) prompt; the canvas is then the text itself:
+
+  --config.infill.prefix='def add(a, b):\n' --config.infill.length=16 \
+  --config.infill.suffix='\n\nprint(add(1, 2))\n'
+
+Prints each completion (cut at eos / <|im_end|> / pad; with infilling the whole filled text),
+the number of steps and tokens/s, and writes completions.jsonl to the workdir.
 """
 
 from ml_collections import config_dict
@@ -38,6 +48,7 @@ def get_config():
   c.mesh = config_dict.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   c.seed = 0
   c.sampler = sampler_section()
+  c.infill = config_dict.ConfigDict({"prefix": "", "suffix": "", "length": 0})  # 0: off
   # The random fallback model: byte tokenizer ids (256 = <|endoftext|>, 259 = <|mask|>).
   c.model.update(dict(
       vocab_size=264, hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4,

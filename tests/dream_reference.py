@@ -4,11 +4,17 @@ Written from the published algorithm (docs/sampler.md): the canvas is the left-p
 plus mask tokens, positions `cumsum(keep) - 1` with pads at 1, an outer-product attention
 mask, `linspace(1, eps, steps + 1)` time steps, shifted logits, Dream's `sample_tokens`
 (temperature, top-p, top-k, softmax with the mask token included) and its four reveal rules.
+The canvas may hold mask tokens anywhere (infilling): `ids` is any left-padded canvas whose
+mask tokens, with `max_new_tokens` more appended, are all filled; like Dream's loop, every
+step counts `mask_index` over the whole canvas and ranks every masked position.
+
 It differs from Dream in dcjax's documented choices only: the proposed token is never the
 mask token (argmax / sample over the other tokens Dream's filters kept), a position that is
 not masked is never written (Dream's batch-average count can pick one in a row with fewer
-masks and would write the mask token there), and exact ties in confidence go to the lower
-position (torch.topk leaves their order unspecified).
+masks and would write the mask token there), at the last step every row reveals all its
+remaining masks (Dream's int(average) leaves some in rows with more masks than the average,
+which only infilling canvases have), and exact ties in confidence go to the lower position
+(torch.topk leaves their order unspecified).
 """
 
 import numpy as np
@@ -63,7 +69,8 @@ def sample_tokens(logits, mask_id, temperature=0.0, top_p=None, top_k=None, alg=
 
 
 def canvas(ids, keep, mask_id, max_new_tokens):
-  """Dream's initial canvas, keep-mask, positions (pads at 1) and outer-product pair mask."""
+  """Dream's initial canvas (`ids`, which may hold masks, then `max_new_tokens` masks),
+  positions (pads at 1) and outer-product pair mask."""
   b = ids.shape[0]
   x = torch.cat([torch.as_tensor(ids, dtype=torch.long),
                  torch.full((b, max_new_tokens), mask_id, dtype=torch.long)], dim=1)
@@ -90,7 +97,10 @@ def step_proposals(model, x, pair, positions, *, mask_id, i, steps, alg, tempera
   timesteps = torch.linspace(1, eps, steps + 1)
   t, s = timesteps[i], timesteps[i + 1]
   num_mask_token = mask_index.sum() / mask_index.shape[0]
-  k = int(num_mask_token * (1 - s / t)) if i < steps - 1 else int(num_mask_token)
+  if i < steps - 1:
+    k = int(num_mask_token * (1 - s / t))
+  else:  # dcjax: every row's remaining masks (Dream: int(num_mask_token))
+    k = max(int(num_mask_token), int(mask_index.sum(dim=1).max()))
   full_confidence = torch.full(x.shape, -torch.inf)
   full_confidence[mask_index] = confidence
   proposal = torch.full_like(x, mask_id)

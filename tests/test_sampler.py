@@ -348,6 +348,8 @@ def test_one_layer_cache_once_per_block_equals_cache_free(prompts, cache):
     dict(steps=16, alg="entropy", block_length=None),
     dict(steps=N, alg="topk_margin", temperature=0.7, alg_temp=0.3, block_length=8,
          threshold=0.2, cache="dual", rng=jax.random.key(5)),
+    dict(steps=N, alg="random", cfg_scale=1.0, block_length=8, early_stop=True,
+         confidence_eos_eot_inf=True, logits_eos_inf=True, rng=jax.random.key(2)),
 ])
 def test_sharded_equals_unsharded(params, prompts, kwargs):
   assert jax.device_count() == 8, "tests/conftest.py forces 8 host devices"

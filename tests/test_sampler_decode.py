@@ -76,6 +76,8 @@ def test_decoding_order_html_and_png(tmp_path):
     ("sampler.block_length", 5, "config.sampler.block_length"),
     ("sampler.cache", "full", "config.sampler.cache"),
     ("prompt", "", "config.prompt"),
+    ("sampler.cfg_scale", -1.0, "config.sampler.cfg_scale"),
+    ("infill.length", -2, "config.infill.length"),
 ])
 def test_sample_config_validation_names_the_field(field, value, match):
   config = sample_config.get_config()
@@ -110,3 +112,30 @@ def test_sample_mode_end_to_end(tmp_path, capsys, monkeypatch):
   page = (tmp_path / "decoding_order.html").read_text()
   assert page.count("class='tok'") == 3 * 8
   assert os.path.getsize(tmp_path / "decoding_order.png") > 1000
+
+
+def test_sample_mode_infills_prefix_suffix(tmp_path, capsys, monkeypatch):
+  from tests.test_sampler import random_params  # pylint: disable=import-outside-toplevel
+
+  def host_init(model_config, rng, mesh):
+    del rng
+    return jax.device_put(random_params(model_config), param_shardings(model_config, mesh))
+
+  monkeypatch.setattr(loading, "init_params", host_init)
+  config = sample_config.get_config()
+  config.model.update(dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                           num_kv_heads=2, head_dim=16))
+  config.chat = False
+  config.prompt = ""
+  config.infill.update(dict(prefix="def f(", suffix="):\n", length=5))
+  config.sampler.update(dict(max_new_tokens=8, steps=4, temperature=0.0, cfg_scale=0.5,
+                             early_stop=True, logits_eos_inf=True, confidence_eos_eot_inf=True))
+  sample_cli.run(config, str(tmp_path))
+  printed = capsys.readouterr().out
+  assert "4 steps" in printed  # early_stop never fires: nothing is appended after the suffix
+  with open(tmp_path / "completions.jsonl") as f:
+    row = json.loads(f.readline())
+  assert row["prompt"] == "def f(" + "<|mask|>" * 5 + "):\n"
+  filled = row["completion"]
+  assert filled.startswith("def f(") and filled.endswith("):\n") and "<|mask|>" not in filled
+  assert "<|endoftext|>" not in filled  # logits_eos_inf: the EOS token is never proposed

@@ -1,7 +1,8 @@
 """The jitted sampler against a torch port of Dream's loop on transformers' Qwen2.
 
-Greedy runs must be token-identical (padded rows included); sampled runs must reveal the same
-number of positions at each step in distribution.
+Greedy runs must be token-identical (padded rows included), also when infilling (mask tokens
+inside the prompt, rows with different mask counts); sampled runs must reveal the same number
+of positions at each step in distribution.
 """
 
 import dataclasses
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from dcjax.diffusion import schedule
 from dcjax.diffusion.sampler import generate
 from dcjax.model import apply, hf
 from tests.dream_reference import canvas, dream_generate, reveal_counts, step_proposals
@@ -119,3 +121,42 @@ def test_sampled_reveal_counts_match_dream_in_distribution(tmp_path_factory, opt
     assert (np.abs(got_counts - want_counts) <= 4 * sd).all(), (got_counts, want_counts)
   else:  # the confidence rules reveal a scheduled count: identical, step by step
     np.testing.assert_array_equal(got_counts, want_counts)
+
+
+def _infill_canvas(kind, rows=4, length=20, seed=2):
+  """Left-padded [4, 20] prompts with mask tokens inside: "middle" masks columns 8 .. 15 - r
+  of row r (rows differ, so Dream's batch-average count is fractional) before a given
+  suffix, nothing appended; "middle+end" masks columns 9 .. 12 and appends 16 masks."""
+  ids, keep = _prompts(rows, length, seed)
+  for r in range(rows):
+    if kind == "middle":
+      ids[r, 8:16 - r] = MASK
+    else:
+      ids[r, 9:13] = MASK
+  return ids, keep, (0 if kind == "middle" else 16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("alg", ["maskgit_plus", "topk_margin", "entropy"])
+@pytest.mark.parametrize("kind, steps", [("middle", 6), ("middle+end", 10)])
+def test_greedy_infill_equals_dream(tmp_path_factory, alg, kind, steps):
+  forward, config, params = _model("peaked", tmp_path_factory)
+  ids, keep, n = _infill_canvas(kind)
+  out = generate(config, params, ids, keep, max_new_tokens=n, steps=steps, alg=alg)
+  tokens, reveal = np.asarray(out.tokens), np.asarray(out.reveal_step)
+  want, want_reveal, gap = dream_generate(forward, ids, keep, mask_id=MASK, max_new_tokens=n,
+                                          steps=steps, alg=alg)
+  assert gap > NEAR_TIE, gap  # a meaningful comparison: no rounding-decided choice
+  np.testing.assert_array_equal(tokens, want)
+  np.testing.assert_array_equal(reveal, want_reveal)
+  given = np.concatenate([ids != MASK, np.zeros((len(ids), n), bool)], axis=1)
+  np.testing.assert_array_equal(tokens[given], np.concatenate(
+      [ids, np.zeros((len(ids), n), ids.dtype)], axis=1)[given])  # given tokens kept
+  assert (tokens != MASK).all() and ((reveal >= 0) == ~given).all()
+  # The schedule counts every mask of the canvas (Dream's batch average over the rows).
+  remaining = (ids == MASK).sum(axis=1) + n
+  expected = []
+  for k in schedule.dream_reveal_counts(remaining, steps):
+    expected.append(np.minimum(remaining, k).sum())
+    remaining = remaining - np.minimum(remaining, k)
+  np.testing.assert_array_equal(reveal_counts(reveal, steps), expected)

@@ -47,8 +47,15 @@ def test_counts_equal_torch_reference(n, steps):
 
 def test_batch_average_counts_equal_torch_reference():
   rows = [40, 33, 64, 1]
-  np.testing.assert_array_equal(schedule.dream_reveal_counts(rows, 12),
-                                torch_dream_counts(rows, 12))
+  counts = schedule.dream_reveal_counts(rows, 12)
+  want = torch_dream_counts(rows, 12)
+  np.testing.assert_array_equal(counts[:-1], want[:-1])
+  # Dream's last step reveals int(average) and leaves masks in the fuller rows; dcjax
+  # reveals every row's remainder (here the 64-row's).
+  remaining = np.asarray(rows)
+  for k in counts[:-1]:
+    remaining = remaining - np.minimum(remaining, k)
+  assert want[-1] < counts[-1] == remaining.max()
 
 
 def test_transfer_probabilities_equal_torch():

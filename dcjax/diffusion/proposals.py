@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 CONFIDENCE_ALGS = ("maskgit_plus", "topk_margin", "entropy")
+_RANDOM_STREAM = 0x52414E44  # folded into the step key: alg='random' draws its own numbers
 
 
 def top_p_filter(logits_NxV: jax.Array, top_p) -> jax.Array:
@@ -97,9 +98,19 @@ def propose(logits_NxV: jax.Array, rng: jax.Array | None, *, alg: str, temperatu
   return token, confidence, prob
 
 
-def descending_rank(score_BxN: jax.Array) -> jax.Array:
-  """Rank of each entry in its row, 0 = largest; ties rank the lower index first."""
-  order = jnp.argsort(-score_BxN, axis=-1, stable=True)
+def descending_rank(score_BxN: jax.Array, tier_BxN: jax.Array | None = None) -> jax.Array:
+  """Rank of each entry in its row, 0 = largest; ties rank the lower index first.
+
+  With `tier_BxN` (int), entries rank by tier first (lower tier first), then by score: the
+  sampler puts end-token proposals (`confidence_eos_eot_inf`, confidence -inf) after every
+  other masked position but before the unmasked ones, so a scheduled count is always met.
+  """
+  if tier_BxN is None:
+    order = jnp.argsort(-score_BxN, axis=-1, stable=True)
+  else:
+    index = jax.lax.broadcasted_iota(jnp.int32, score_BxN.shape, score_BxN.ndim - 1)
+    order = jax.lax.sort((tier_BxN.astype(jnp.int32), -score_BxN, index),
+                         dimension=score_BxN.ndim - 1, num_keys=2, is_stable=True)[2]
   ranks = jnp.argsort(order, axis=-1, stable=True)
   return ranks.astype(jnp.int32)
 
@@ -118,3 +129,11 @@ def position_scores(confidence_BxN: jax.Array, masked_BxN: jax.Array, rng=None,
       raise ValueError("position_scores: alg_temp sampling needs an rng key")
     score = score / alg_temp + jax.random.gumbel(rng, score.shape, jnp.float32)
   return score
+
+
+def random_confidence(rng: jax.Array, step, shape) -> jax.Array:
+  """LLaDA's `remasking='random'` (the sampler's alg='random'): a uniform [0, 1) confidence
+  per position, drawn from `rng` folded with the step number and a fixed stream tag, apart
+  from the proposal and position draws (tests replay these numbers in a torch port)."""
+  key = jax.random.fold_in(jax.random.fold_in(rng, step), _RANDOM_STREAM)
+  return jax.random.uniform(key, shape, jnp.float32)

@@ -4,7 +4,7 @@ sample, eval and grpo modes (docs/sampler.md).
 Every field keeps its type so that any of them can be set from the command line; "off" is
 written as a sentinel, never as None:
 
-  top_p=1.0  top_k=0  alg_temp=0.0  block_length=0  threshold=0.0  cache=""
+  top_p=1.0  top_k=0  alg_temp=0.0  block_length=0  threshold=0.0  cache=""  cfg_scale=0.0
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def sampler_section(**overrides) -> ml_collections.ConfigDict:
   section = ml_collections.ConfigDict(dict(
       max_new_tokens=64,
       steps=64,
-      alg="entropy",             # origin | maskgit_plus | topk_margin | entropy
+      alg="entropy",             # origin | maskgit_plus | topk_margin | entropy | random
       temperature=0.2,           # 0: greedy proposals
       top_p=1.0,                 # < 1 filters, e.g. 0.95
       top_k=0,                   # > 0 filters
@@ -33,6 +33,10 @@ def sampler_section(**overrides) -> ml_collections.ConfigDict:
       threshold=0.0,             # Fast-dLLM confidence threshold, e.g. 0.9 (0: off)
       cache="",                  # Fast-dLLM block cache: prefix | dual
       cache_refresh_every=0,     # 0: recompute the canvas once per block
+      cfg_scale=0.0,             # LLaDA classifier-free guidance, e.g. 1.0 (0: off)
+      logits_eos_inf=False,      # LLaDA: the EOS logit is -inf
+      confidence_eos_eot_inf=False,  # LLaDA / Fast-dLLM: end-token proposals revealed last
+      early_stop=False,          # a row stops once its completion ends; the loop when all have
   ))
   unknown = sorted(set(overrides) - set(section.keys()))
   if unknown:
@@ -61,7 +65,11 @@ def validate_sampler(section: Any, where: str = "config.sampler") -> None:
       raise ConfigError(f"{where}.{name}={section[name]} must be a positive integer")
   if _field(section, "alg", where, str) not in ALGS:
     raise ConfigError(f"{where}.alg={section.alg!r} is not one of {ALGS}")
-  for name in ("temperature", "alg_temp", "eps"):
+  for name in ("logits_eos_inf", "confidence_eos_eot_inf", "early_stop"):
+    if name in section and not isinstance(section[name], bool):
+      raise ConfigError(f"{where}.{name}={section[name]!r} must be True or False")
+  for name in ("temperature", "alg_temp", "eps") + (("cfg_scale",) if "cfg_scale" in section
+                                                     else ()):
     if _field(section, name, where, number) < 0:
       raise ConfigError(f"{where}.{name}={section[name]} must be >= 0")
   if not 0 < _field(section, "top_p", where, number) <= 1:
@@ -84,6 +92,9 @@ def validate_sampler(section: Any, where: str = "config.sampler") -> None:
                       f"blocks ({num_blocks})")
   if section.threshold and section.alg == "origin":
     raise ConfigError(f"{where}.threshold needs a confidence alg, not 'origin'")
+  if section.get("cfg_scale", 0) and section.cache:
+    raise ConfigError(f"{where}.cfg_scale={section.cfg_scale} needs {where}.cache='' (the "
+                      "unconditional pass has no cache)")
 
 
 def sampler_kwargs(section: Any) -> dict:
@@ -94,4 +105,8 @@ def sampler_kwargs(section: Any) -> dict:
       temperature=float(s.temperature), top_p=float(s.top_p) if s.top_p < 1 else None,
       top_k=int(s.top_k) or None, alg_temp=float(s.alg_temp) or None, eps=float(s.eps),
       block_length=int(s.block_length) or None, threshold=float(s.threshold) or None,
-      cache=str(s.cache) or None, cache_refresh_every=int(s.cache_refresh_every))
+      cache=str(s.cache) or None, cache_refresh_every=int(s.cache_refresh_every),
+      # Sections written before these options existed (older run records) read as "off".
+      cfg_scale=float(s.get("cfg_scale", 0.0)), logits_eos_inf=bool(s.get("logits_eos_inf")),
+      confidence_eos_eot_inf=bool(s.get("confidence_eos_eot_inf")),
+      early_stop=bool(s.get("early_stop")))

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy", "random")
 
 _F32 = np.float32
 
@@ -54,6 +54,9 @@ def dream_reveal_counts(num_masked_per_row: Sequence[int] | int, steps: int,
   `num_masked_per_row` holds each row's initial number of masked positions (an int means
   one row). k is computed from the batch-average masked count; each row then reveals
   `min(k, its masked count)` (dcjax never re-masks), which this simulation follows.
+  At the last step every row reveals all its remaining masks: Dream's `int(average)` leaves
+  masks in rows that started with more than the average (only infilling canvases differ
+  between rows; with equal rows both are the same number).
   """
   masked = np.atleast_1d(np.asarray(num_masked_per_row, dtype=np.int64)).copy()
   if masked.ndim != 1 or (masked < 0).any():
@@ -64,8 +67,8 @@ def dream_reveal_counts(num_masked_per_row: Sequence[int] | int, steps: int,
     average = _F32(masked.sum()) / _F32(masked.shape[0])
     if i < steps - 1:
       k = int(_F32(average * _F32(_F32(1.0) - _F32(ts[i + 1] / ts[i]))))
-    else:
-      k = int(average)
+    else:  # Dream: int(average); dcjax: every row's remaining masks (see the docstring)
+      k = max(int(average), int(masked.max()))
     counts[i] = k
     masked -= np.minimum(masked, k)
   return counts
@@ -113,10 +116,13 @@ def _refresh_flags(steps_per_block: int, num_blocks: int, refresh_every: int) ->
 
 def build_schedule(max_new_tokens: int, steps: int, *, block_length: int | None = None,
                    eps: float = 1e-3, threshold: float | None = None,
-                   cache_refresh_every: int = 0) -> Schedule:
+                   cache_refresh_every: int = 0,
+                   num_masked_per_row: Sequence[int] | None = None) -> Schedule:
   """Host arrays for `generate`.
 
-  * No blocks: Dream's schedule over the whole completion (`steps` steps).
+  * No blocks: Dream's schedule over the whole completion (`steps` steps), computed from
+    `num_masked_per_row` (every mask of each row's canvas, for infilling; default: each row
+    has `max_new_tokens`).
   * `block_length`: `steps / num_blocks` steps per block; LLaDA counts per block, and for
     `origin` Dream's probabilities over each block's own `linspace(1, eps, spb + 1)`.
   * `threshold`: steps are data dependent (at most one step per generated token); the
@@ -141,7 +147,8 @@ def build_schedule(max_new_tokens: int, steps: int, *, block_length: int | None 
                      f"({num_blocks} = max_new_tokens {max_new_tokens} / block_length {bl})")
   spb = steps // num_blocks
   if block_length is None:
-    counts = dream_reveal_counts(max_new_tokens, steps, eps)
+    masked = max_new_tokens if num_masked_per_row is None else num_masked_per_row
+    counts = dream_reveal_counts(masked, steps, eps)
   else:
     counts = np.tile(block_reveal_counts(bl, spb), num_blocks)
   return Schedule(
