@@ -30,6 +30,7 @@ MODES = {
     "grpo": "dcjax.modes.grpo:run",
     "compile": "dcjax.modes.compile:run",
     "export": "dcjax.modes.export:run",
+    "serve": "dcjax.modes.serve:run",
 }
 
 
@@ -112,7 +113,8 @@ def profile_window(config) -> tuple[int, int] | None:
 
 
 # Which modes read which model source besides hf_dir / config.model (docs/checkpoints.md).
-_SOURCE_MODES = {"init_from": ("train", "grpo"), "checkpoint_dir": ("sample", "eval")}
+_SOURCE_MODES = {"init_from": ("train", "grpo"),
+                 "checkpoint_dir": ("sample", "eval", "serve")}
 
 
 def check_model_source(config) -> None:
@@ -146,6 +148,27 @@ def base_config() -> ml_collections.ConfigDict:
   # mode=export: the workdir's checkpoint as a Hugging Face directory; step -1 = the latest.
   c.export_dir = ""
   c.export_step = -1
+  # mode=sample: batch-sample a JSONL file instead of config.prompt (docs/serving.md); the
+  # outputs go to outputs_file, or <workdir>/completions.jsonl when it is empty.
+  c.prompts_file = ""
+  c.outputs_file = ""
+  # mode=serve (docs/serving.md): an OpenAI-compatible HTTP server over the compiled sampler;
+  # batch_size, prompt_bucket and max_programs also shape mode=sample's prompts_file batches.
+  c.serve = ml_collections.ConfigDict(dict(
+      host="127.0.0.1",        # 0.0.0.0 serves every interface
+      port=8000,               # 0: any free port (printed at start)
+      model_name="",           # the id of /v1/models; empty: hf_dir's name, or "dcjax"
+      batch_size=8,            # rows per compiled batch (rounded up to the data shards)
+      batch_window_ms=10.0,    # how long the first request of a batch waits for others
+      prompt_bucket=64,        # prompts are left-padded to a multiple of this
+      max_prompt_tokens=1024,  # longer prompts get a 400
+      max_tokens=512,          # largest max_tokens (and steps) a request may ask for
+      max_request_rows=64,     # n x prompts of one request
+      max_programs=16,         # distinct compiled sampler programs; 0 = no limit
+      request_timeout_s=600.0,
+      max_requests=0,          # stop after this many HTTP requests (tests, smoke runs); 0 = never
+      warmup=True,             # compile the default program before accepting requests
+  ))
   c.multihost = False  # True forces jax.distributed.initialize(); TPU pods are auto-detected.
   # Explicit multi-process setup (GPU clusters, several processes on one machine); empty
   # coordinator_address = auto-detect. See dcjax/parallel/distributed.py.
