@@ -269,3 +269,33 @@ def test_config_errors_name_the_field(field, value, message):
   config.eval[field] = value
   with pytest.raises(ValueError, match=message):
     validate(config)
+
+
+# ------------------------------------------------------------------ the sampler's generate_fn
+
+
+def test_generate_fn_passes_the_tokenizer_end_tokens(monkeypatch):
+  """early_stop / confidence_eos_eot_inf see every end token (the chat end too), as in
+  mode=sample: `end_token_ids` is the tokenizer's stop ids, not the model's eos alone."""
+  import jax
+  from configs import eval_humaneval
+  from dcjax.diffusion import decode
+  from dcjax.eval import sampler_fn
+  from dcjax.parallel import mesh as mesh_lib
+
+  c = eval_humaneval.get_config()
+  c.model.update(dict(vocab_size=264, hidden_size=32, intermediate_size=48, num_layers=1,
+                      num_heads=2, num_kv_heads=1, head_dim=16, rope_theta=1e4))
+  c.sampler.update(dict(max_new_tokens=8, steps=8, temperature=0.0, early_stop=True,
+                        confidence_eos_eot_inf=True))
+  c.mesh.update(dict(data=2, fsdp=1, tensor=1))
+  calls, real = [], sampler_fn.generate
+  monkeypatch.setattr(sampler_fn, "generate",
+                      lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+  out = sampler_fn.make_generate_fn(c, mesh_lib.make_mesh(c.mesh, jax.devices()[:2]))(
+      ["def f(x):\n"], 2)
+  tokenizer = decode.ByteTokenizer()  # what a config without hf_dir samples with
+  assert calls[0]["end_token_ids"] == decode.stop_token_ids(tokenizer)
+  assert tokenizer.chat_end_id in calls[0]["end_token_ids"]
+  assert calls[0]["early_stop"] and calls[0]["confidence_eos_eot_inf"]
+  assert len(out) == 1 and out[0][0] == out[0][1]  # greedy: both samples agree

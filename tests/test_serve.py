@@ -1,6 +1,7 @@
 """mode=serve (the OpenAI-compatible server, driven by the `openai` client on loopback) and
 mode=sample's prompts_file: request parsing, errors, batching, compile counts, and greedy
-outputs equal to the sampler's and to mode=sample's."""
+outputs (completions, infilling, the LLaDA / Fast-dLLM options) equal to the sampler's and
+to mode=sample's."""
 
 import dataclasses
 import json
@@ -17,7 +18,8 @@ import pytest
 from configs import sample as sample_config
 from dcjax import config as config_lib
 from dcjax.config import ConfigError
-from dcjax.diffusion import decode
+from dcjax.data.tokenizer import MASK
+from dcjax.diffusion import canvas, decode
 from dcjax.diffusion.sampler import generate
 from dcjax.diffusion.sampler_config import sampler_kwargs
 from dcjax.model import loading, param_shardings
@@ -74,10 +76,26 @@ def served():
 
 def _sampler_greedy(s, text, prompt_len=64, **options):
   """The sampler called directly: one row in a batch of 8, left-padded to `prompt_len`."""
-  kwargs = {**sampler_kwargs(s["config"].sampler), **options}
+  kwargs = {**sampler_kwargs(s["config"].sampler),
+            "end_token_ids": decode.stop_token_ids(TOK), **options}
   ids, keep = decode.encode_left_padded(TOK, [text] * 8, length=prompt_len)
   out = generate(s["model_config"], s["params"], ids, keep, mesh=s["mesh"], **kwargs)
   return decode.decode_completions(TOK, jax.device_get(out.tokens), prompt_len)[0]
+
+
+def _sampler_infilled(s, text, prompt_len=64, span=False, **options):
+  """The sampler filling the canvas `text` directly (batch of 8, left-padded to
+  `prompt_len`, nothing appended): row 0's real tokens (with `span`, only those it wrote into
+  the masks), less the stop tokens it wrote into the masks, decoded without special tokens."""
+  kwargs = {**sampler_kwargs(s["config"].sampler), "max_new_tokens": 0,
+            "end_token_ids": decode.stop_token_ids(TOK), **options}
+  ids, keep = canvas.encode_canvases(TOK, [text] * 8, length=prompt_len)
+  out = generate(s["model_config"], s["params"], ids, keep, mesh=s["mesh"], **kwargs)
+  stops = set(decode.stop_token_ids(TOK))
+  kept = [int(t) for t, k, given in zip(jax.device_get(out.tokens)[0], keep[0], ids[0])
+          if k and not (given == TOK.mask_id and int(t) in stops)
+          and (given == TOK.mask_id or not span)]
+  return TOK.decode(kept, skip_special_tokens=True)
 
 
 def _post(url, payload, raw=None):
@@ -113,7 +131,23 @@ def _parse(body, chat=False, **settings):
     ({"prompt": "x", "cache": "full"}, "cache", "cache='full' is not one of"),
     ({"prompt": "x", "n": 65}, "n", "serve.max_request_rows"),
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
-    ({"prompt": "x", "suffix": "}"}, "suffix", "not supported yet"),
+    ({"prompt": "x", "length": 4}, "length", "needs a non-empty suffix"),
+    ({"prompt": "x", "suffix": "}", "length": 0}, "length", "length=0 must be >= 1"),
+    ({"prompt": "x", "suffix": "}", "length": 33}, "length", "(serve.max_tokens)"),
+    ({"prompt": "x", "suffix": "}", "length": 2.5}, "length", "must be an integer"),
+    ({"prompt": "x", "suffix": "}", "max_tokens": 0}, "max_tokens", "must be >= 1"),
+    ({"prompt": "a<|mask|>", "suffix": "}"}, "suffix", "in the prompt or a suffix, not both"),
+    ({"prompt": "x", "suffix": "<|mask|>}"}, "suffix", "suffix holds <|mask|>"),
+    ({"prompt": "a<|mask|>", "block_length": 4}, "block_length", "without blocks"),
+    ({"prompt": "x", "suffix": "}", "cache": "dual"}, "cache", "without blocks"),
+    ({"prompt": "a<|mask|>", "echo": True}, "echo", "whole filled text"),
+    ({"prompt": "a<|mask|>", "stop": "\n"}, "stop", "whole filled text"),
+    ({"prompt": ["a<|mask|>", "b"]}, "prompt", "prompt[1] holds no <|mask|>"),
+    ({"prompt": "x", "cfg_scale": -1}, "cfg_scale", "cfg_scale=-1.0 must be >= 0"),
+    ({"prompt": "x", "cfg_scale": 1.0, "cache": "prefix"}, "cfg_scale", "needs cache=''"),
+    ({"prompt": "x", "early_stop": "yes"}, "early_stop", "must be a boolean"),
+    ({"prompt": "x", "logits_eos_inf": 1}, "logits_eos_inf", "must be a boolean"),
+    ({"prompt": "x", "confidence_eos_eot_inf": None, "alg": "rand"}, "alg", "'rand'"),
     ({"prompt": "x", "logprobs": 3}, "logprobs", "not supported"),
     ({"prompt": "x", "stream": "yes"}, "stream", "must be a boolean"),
     ({"prompt": [1, 2]}, "prompt", "token-id prompts are not supported"),
@@ -136,6 +170,10 @@ def test_bad_completion_requests_name_the_field(body, param, words):
     ({"messages": [{"role": "user", "content": "x"}], "prompt": "x"}, "prompt", "unknown"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
      "tools", "not supported"),
+    ({"messages": [{"role": "user", "content": "a<|mask|>"}]}, "messages[0].content",
+     "chat requests do not infill"),
+    ({"messages": [{"role": "user", "content": "x"}], "assistant_prefix": "<|mask|>"},
+     "assistant_prefix", "chat requests do not infill"),
 ])
 def test_bad_chat_requests_name_the_field(body, param, words):
   with pytest.raises(requests_lib.RequestError) as e:
@@ -165,6 +203,40 @@ def test_request_fields_map_to_sampler_options():
   assert chat.options.max_new_tokens == 4
   assert requests_lib.apply_stop("ab\ncd", ["c", "\n"]) == ("ab", True)
   assert requests_lib.apply_stop("ab", ["z"]) == ("ab", False)
+
+
+def test_infill_and_new_sampler_options_map_to_the_sampler():
+  # The LLaDA / Fast-dLLM extras reach generate; cfg_scale values share a program.
+  r = _parse({"prompt": "a", "cfg_scale": 1.5, "logits_eos_inf": True, "alg": "random",
+              "confidence_eos_eot_inf": True, "early_stop": True, "seed": 3})
+  expected = {**sampler_kwargs(tiny_config().sampler), "cfg_scale": 1.5, "alg": "random",
+              "logits_eos_inf": True, "confidence_eos_eot_inf": True, "early_stop": True}
+  assert r.options.generate_kwargs() == expected and not r.infill
+  key = lambda **kw: _parse({"prompt": "a", **kw}).options.program_key()
+  assert key(cfg_scale=1.0) == key(cfg_scale=2.0) != key(cfg_scale=0) == key()
+  assert key(early_stop=True) != key()
+  # <|mask|> prompts: the canvas is the prompt (nothing appended, max_tokens unused); the
+  # configured block_length / cache are dropped, not an error.
+  c = tiny_config()
+  c.sampler.update(dict(block_length=4, cache="prefix"))
+  settings = settings_from_config(c)
+  r = requests_lib.parse_completion({"prompt": ["a<|mask|>b", "<|mask|>"], "n": 2,
+                                     "max_tokens": 16}, TOK, c.sampler, settings)
+  kwargs = r.options.generate_kwargs()
+  assert r.infill and r.suffix is None and r.canvases == r.rows == ["a<|mask|>b"] * 2 + [
+      "<|mask|>"] * 2
+  assert (kwargs["max_new_tokens"], kwargs["block_length"], kwargs["cache"],
+          kwargs["steps"]) == (0, None, None, 8)
+  # suffix: prompt + length masks + suffix; length (default max_tokens, then the section's)
+  # sets the steps as max_tokens does.
+  r = _parse({"prompt": "def f(", "suffix": "):", "n": 2, "length": 16})
+  assert r.canvases == ["def f(" + MASK * 16 + "):"] * 2 and r.rows == ["def f("] * 2
+  assert r.options.infill and r.options.generate_kwargs()["steps"] == 16
+  assert _parse({"prompt": "x", "suffix": "y", "max_tokens": 4}).length == 4
+  assert _parse({"prompt": "x", "suffix": "y"}).length == 8
+  assert _parse({"prompt": "x", "suffix": ""}).suffix is None  # OpenAI: "" is no suffix
+  infill_key = _parse({"prompt": "a<|mask|>"}).options.program_key()
+  assert infill_key != key() and dict(infill_key)["infill"]
 
 
 # ------------------------------------------------------------------- the server, end to end
@@ -248,11 +320,88 @@ def test_concurrent_requests_share_a_batch_and_compile_nothing_new(served):
   assert stats["compiles"] == engine.compiles and stats["batch_size"] == 8
 
 
+def test_infill_equals_the_sampler_on_the_same_canvas(served):
+  client, engine = served["client"], served["engine"]
+  compiles = engine.compiles
+  # <|mask|> spans in the prompt: the whole filled text.
+  text = "def f(x):" + MASK * 6 + "\n  return x"
+  r = client.completions.create(model="dcjax", prompt=text, temperature=0)
+  expected = _sampler_infilled(served, text)
+  assert r.choices[0].text == expected
+  assert expected.startswith("def f(x):") and expected.endswith("\n  return x")
+  assert r.usage.prompt_tokens == len(TOK.encode("def f(x):\n  return x"))
+  tokens, finish = r.usage.completion_tokens, r.choices[0].finish_reason
+  assert 0 <= tokens <= 6 and (finish == "length") == (tokens == 6)
+  # A suffix: the span between prompt and suffix (OpenAI's completion text), echo and n.
+  prompt, suffix = "def add(a, b):", "\n    return c\n"
+  r = client.completions.create(model="dcjax", prompt=prompt, suffix=suffix, temperature=0,
+                                n=2, echo=True, extra_body={"length": 8})
+  whole = _sampler_infilled(served, canvas.infill_text(prompt, suffix, 8))
+  span = whole[len(prompt):len(whole) - len(suffix)]
+  assert whole == prompt + span + suffix
+  assert [c.text for c in r.choices] == [prompt + span] * 2
+  chunks = list(client.completions.create(model="dcjax", prompt=prompt, suffix=suffix,
+                                          temperature=0, stream=True, max_tokens=8))
+  assert "".join(c.choices[0].text for c in chunks) == span
+  # Both canvases pad to 64 tokens with 8 steps: one infill program, not the completions'.
+  assert engine.compiles == compiles + 1
+
+
+def test_infill_batches_only_with_the_same_canvas_bucket_and_mask_count(served):
+  client, engine, server = served["client"], served["engine"], served["server"]
+  texts = ["a" + MASK * 6 + "b", "def f():" + MASK * 6 + "\n", "c" + MASK * 7]
+  alone = [client.completions.create(model="dcjax", prompt=t, temperature=0).choices[0].text
+           for t in texts]
+  batches, results = engine.stats["batches"], [None] * len(texts)
+
+  def call(i):
+    results[i] = client.completions.create(model="dcjax", prompt=texts[i], temperature=0)
+
+  threads = [threading.Thread(target=call, args=(i,)) for i in range(len(texts))]
+  server.batcher.window_s = 1.5  # all three arrive; neither batch fills its 8 rows
+  try:
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join(120)
+  finally:
+    server.batcher.window_s = 0.0
+  # Dream's schedule reads the batch's average mask count: 6-mask canvases share a batch,
+  # the 7-mask one runs in its own, and every fill equals the one sampled alone.
+  assert [r.choices[0].text for r in results] == alone
+  assert engine.stats["batches"] == batches + 2
+  assert sorted(server.batcher.batch_sizes[-2:]) == [1, 2]
+
+
+def test_new_sampler_options_equal_the_sampler(served):
+  client, engine = served["client"], served["engine"]
+  extras = {"cfg_scale": 1.0, "logits_eos_inf": True, "confidence_eos_eot_inf": True,
+            "early_stop": True}
+  prompt = "def add(a, b):"
+  r = client.completions.create(model="dcjax", prompt=prompt, temperature=0, extra_body=extras)
+  assert r.choices[0].text == _sampler_greedy(served, prompt, **extras)
+  # alg="random": the batch's key is the seed folded with the engine's batch index.
+  index = engine.stats["batches"]
+  r = client.completions.create(model="dcjax", prompt=prompt, temperature=0, seed=5,
+                                extra_body={**extras, "alg": "random", "cfg_scale": 2.0})
+  rng = jax.random.fold_in(jax.random.key(5), index)
+  assert r.choices[0].text == _sampler_greedy(served, prompt, rng=rng,
+                                              **{**extras, "alg": "random", "cfg_scale": 2.0})
+
+
 def test_bad_requests_get_openai_errors(served):
   client, url = served["client"], served["server"].url
   cases = [({"extra_body": {"alg": "greedy"}}, "alg"), ({"extra_body": {"steps": 0}}, "steps"),
            ({"max_tokens": 10_000}, "max_tokens"), ({"extra_body": {"colour": 1}}, "colour"),
-           ({"suffix": "}"}, "suffix"), ({"prompt": "a<|mask|>b"}, "prompt")]
+           ({"suffix": "}", "extra_body": {"block_length": 4}}, "block_length"),
+           ({"prompt": "a<|mask|>b", "extra_body": {"cache": "prefix"}}, "cache"),
+           ({"prompt": "a<|mask|>b", "suffix": "c"}, "suffix"),
+           ({"extra_body": {"length": 4}}, "length"),
+           ({"suffix": "}", "extra_body": {"length": 33}}, "length"),
+           ({"extra_body": {"cfg_scale": -1}}, "cfg_scale"),
+           ({"extra_body": {"cfg_scale": 1, "cache": "dual"}}, "cfg_scale"),
+           ({"extra_body": {"early_stop": "yes"}}, "early_stop"),
+           ({"prompt": "a<|mask|>b", "echo": True}, "echo")]
   for kwargs, param in cases:
     with pytest.raises(openai.BadRequestError) as e:
       client.completions.create(model="dcjax", **{"prompt": "x", **kwargs})
@@ -261,6 +410,10 @@ def test_bad_requests_get_openai_errors(served):
   with pytest.raises(openai.BadRequestError) as e:
     client.chat.completions.create(model="dcjax", messages=[])
   assert e.value.param == "messages"
+  with pytest.raises(openai.BadRequestError) as e:
+    client.chat.completions.create(model="dcjax",
+                                   messages=[{"role": "user", "content": "a<|mask|>"}])
+  assert e.value.param == "messages[0].content" and "do not infill" in e.value.message
   with pytest.raises(openai.NotFoundError) as e:
     client.completions.create(model="gpt-4", prompt="x")
   assert e.value.param == "model" and e.value.code == "model_not_found"
@@ -327,7 +480,8 @@ def test_prompts_file_batches_lines_through_the_engine(tmp_path, monkeypatch, ca
   lines = [{"prompt": "hi"},
            {"id": "m", "messages": [{"role": "user", "content": "hi"}]},
            {"prompt": "hello", "n": 2, "stop": ["\x00"]},
-           {"prompt": "hi", "steps": 4}]
+           {"prompt": "hi", "steps": 4},
+           {"prompt": "hi", "suffix": "!", "length": 8}]
   path = tmp_path / "prompts.jsonl"
   path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
   config = tiny_config()
@@ -335,10 +489,12 @@ def test_prompts_file_batches_lines_through_the_engine(tmp_path, monkeypatch, ca
   config.outputs_file = str(tmp_path / "out" / "completions.jsonl")
   sample_cli.run(config, str(tmp_path / "wd"))
   printed = capsys.readouterr().out
-  assert "2 batches, 2 compiled programs" in printed  # 4 rows with one option set, 1 with steps=4
+  # 4 rows with one option set, 1 with steps=4, 1 infilled.
+  assert "3 batches, 3 compiled programs" in printed
   with open(config.outputs_file) as f:
     rows = [json.loads(x) for x in f]
-  assert [(r["line"], r["index"]) for r in rows] == [(1, 0), (2, 0), (3, 0), (3, 1), (4, 0)]
+  assert [(r["line"], r["index"]) for r in rows] == [(1, 0), (2, 0), (3, 0), (3, 1), (4, 0),
+                                                     (5, 0)]
   assert rows[1]["id"] == "m" and "id" not in rows[0]
   chat_hi = decode.chat_prompt(TOK, "hi")
   assert rows[0]["prompt"] == rows[1]["prompt"] == chat_hi  # config.chat wraps "prompt" lines
@@ -349,6 +505,10 @@ def test_prompts_file_batches_lines_through_the_engine(tmp_path, monkeypatch, ca
        "model_config": _model_config(config), "mesh": _mesh(config)}
   assert rows[0]["completion"] == _sampler_greedy(s, chat_hi)
   assert rows[4]["completion"] == _sampler_greedy(s, chat_hi, steps=4)
+  # A suffix line: the chat-wrapped prompt, 8 masks, the suffix; the completion is the span.
+  assert rows[5]["prompt"] == chat_hi
+  assert rows[5]["completion"] == _sampler_infilled(  # 59 + 8 + 1 tokens: the 128 bucket
+      s, chat_hi + MASK * 8 + "!", prompt_len=128, span=True)
 
 
 def _model_config(config):

@@ -30,6 +30,9 @@ def make_generate_fn(config, mesh):
   model_config, params, tokenizer = load_model_and_tokenizer(
       config, mesh, handoff.from_config(config, "checkpoint_dir"))
   kwargs = sampler_kwargs(config.sampler)
+  # The tokenizer's end tokens (eos, pad, <|im_end|>, <|dlm_pad|>), as mode=sample passes
+  # them: early_stop / confidence_eos_eot_inf then see the chat end token too.
+  kwargs["end_token_ids"] = decode.stop_token_ids(tokenizer)
   shards = int(np.prod([mesh.shape[a] for a in MESH_AXES[:2]]))
   calls = itertools.count()
   root = jax.random.key(config.seed)

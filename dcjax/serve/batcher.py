@@ -1,10 +1,11 @@
-"""The request queue: jobs with equal sampler options that arrive within a short window are
+"""The request queue: jobs with equal batch keys (their sampler options; for infilling also
+the canvas bucket and mask count, `Engine.batch_key`) that arrive within a short window are
 sampled together in one fixed-shape batch (docs/serving.md).
 
 One worker thread owns the `Engine`. It takes the oldest job, then waits at most
-`window_s` for more jobs with the same `Options` until `engine.batch_size` rows are
-gathered; jobs with other options wait (in arrival order) for a later batch. A job larger
-than a batch runs alone, in several batches.
+`window_s` for more jobs with the same key until `engine.batch_size` rows are gathered;
+jobs with other keys wait (in arrival order) for a later batch. A job larger than a batch
+runs alone, in several batches.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import dataclasses
 import queue
 import threading
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 from dcjax.serve.engine import Completion, Engine, Options
 
@@ -24,12 +25,13 @@ from dcjax.serve.engine import Completion, Engine, Options
 class Job:
   rows: Sequence[Sequence[int]]
   options: Options
+  key: Any = None  # jobs with equal keys share batches; None: the options
   future: concurrent.futures.Future = dataclasses.field(
       default_factory=concurrent.futures.Future)
 
 
 class Batcher:
-  """`submit(rows, options)` -> a Future of the rows' completions."""
+  """`submit(rows, options, key=...)` -> a Future of the rows' completions."""
 
   def __init__(self, engine: Engine, window_s: float):
     self.engine, self.window_s = engine, window_s
@@ -40,11 +42,13 @@ class Batcher:
     self._thread = threading.Thread(target=self._loop, name="dcjax-batcher", daemon=True)
     self._thread.start()
 
-  def submit(self, rows: Sequence[Sequence[int]], options: Options
+  def submit(self, rows: Sequence[Sequence[int]], options: Options, key: Any = None
              ) -> concurrent.futures.Future:
+    """`key`: rows with equal keys may share a batch (`Engine.batch_key`); default the
+    options."""
     if self._stop.is_set():
       raise RuntimeError("the batcher is stopped")
-    job = Job(rows, options)
+    job = Job(rows, options, options if key is None else key)
     self._queue.put(job)
     return job.future
 
@@ -61,11 +65,11 @@ class Batcher:
       return None
 
   def _gather(self, first: Job) -> list[Job]:
-    """`first` and the jobs with its options that fit in its batch, waiting <= window_s."""
+    """`first` and the jobs with its key that fit in its batch, waiting <= window_s."""
     jobs, rows = [first], len(first.rows)
     limit = self.engine.batch_size
     for job in list(self._waiting):  # earlier arrivals first
-      if job.options == first.options and rows + len(job.rows) <= limit:
+      if job.key == first.key and rows + len(job.rows) <= limit:
         self._waiting.remove(job)
         jobs.append(job)
         rows += len(job.rows)
@@ -78,7 +82,7 @@ class Batcher:
         job = self._queue.get(timeout=remaining)
       except queue.Empty:
         break
-      if job.options == first.options and rows + len(job.rows) <= limit:
+      if job.key == first.key and rows + len(job.rows) <= limit:
         jobs.append(job)
         rows += len(job.rows)
       else:

@@ -4,7 +4,9 @@ same `Engine` as the server (docs/serving.md).
 Each line is `{"prompt": str}` (wrapped in the chat template when `config.chat`, as
 `config.prompt` is) or `{"messages": [...]}` (always the template), with the request fields
 of the HTTP API as per-line options (`max_tokens`, `temperature`, `n`, `stop`, `steps`,
-`alg`, ...) over `config.sampler`, and an optional `id` copied to the outputs. The whole
+`alg`, ...) over `config.sampler`, and an optional `id` copied to the outputs. A prompt
+holding `<|mask|>`, or one with a `suffix` (and `length`), is infilled as over HTTP: its
+completion is the whole filled text, or the span between prompt and suffix. The whole
 file is checked before anything is sampled; a bad line is a ConfigError naming the line and
 the field. Lines with equal options are sampled together, `serve.batch_size` rows a batch.
 Outputs: one JSON line per completion, in file order:
@@ -23,8 +25,8 @@ from dcjax import workdir as workdir_lib
 from dcjax.config import ConfigError
 from dcjax.diffusion import decode
 from dcjax.serve.engine import Engine
-from dcjax.serve.requests import (Request, RequestError, apply_stop, parse_chat,
-                                  parse_completion)
+from dcjax.serve.requests import (Request, RequestError, parse_chat, parse_completion,
+                                  response_text)
 
 _FILE_ONLY = ("id",)
 
@@ -82,7 +84,7 @@ def _line(number, body, engine: Engine, defaults, chat, assistant_prefix) -> Lin
       request = dataclasses.replace(request, prompts=tuple(
           decode.chat_prompt(tok, p, assistant_prefix=assistant_prefix)
           for p in request.prompts))
-  problem = engine.check([engine.encode(t) for t in request.rows], request.options)
+  problem = engine.check([engine.encode(t) for t in request.canvases], request.options)
   if problem is not None:
     raise RequestError(problem[1], problem[0])
   return Line(number, body.get("id"), request)
@@ -97,16 +99,16 @@ def sample_lines(lines: list[Line], engine: Engine) -> list[list[dict]]:
   for options, members in groups.items():
     rows, owners = [], []
     for i in members:
-      for text in lines[i].request.rows:
+      for text in lines[i].request.canvases:
         rows.append(engine.encode(text))
         owners.append(i)
     completions = engine.run(rows, options)
     for i, c in zip(owners, completions):
       line = lines[i]
-      text, stopped = apply_stop(c.text, line.request.stop)
-      row = {"line": line.number, "index": len(outputs[i]),
-             "prompt": line.request.rows[len(outputs[i])], "completion": text,
-             "finish_reason": "stop" if stopped else c.finish_reason}
+      prompt = line.request.rows[len(outputs[i])]
+      text, finish = response_text(line.request, c, prompt)
+      row = {"line": line.number, "index": len(outputs[i]), "prompt": prompt,
+             "completion": text, "finish_reason": finish}
       if line.id is not None:
         row = {"id": line.id, **row}
       outputs[i].append(row)

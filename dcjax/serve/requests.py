@@ -4,12 +4,14 @@ naming the field) for anything else (docs/serving.md).
 `parse_completion` reads a `/v1/completions` body, `parse_chat` a `/v1/chat/completions`
 body (the messages go through the tokenizer's ChatML template). Both accept the dcjax
 sampler fields as top-level extras (the openai client's `extra_body`): `steps`, `alg`,
-`block_length`, `threshold`, `cache`, `cache_refresh_every`, `top_k`, `alg_temp`. Every
-other unknown field is a 400 that names it.
+`block_length`, `threshold`, `cache`, `cache_refresh_every`, `top_k`, `alg_temp`,
+`cfg_scale`, `logits_eos_inf`, `confidence_eos_eot_inf`, `early_stop`. Every other unknown
+field is a 400 that names it.
 
-Infilling plugs in at `_suffix`: the completions `suffix` is parsed and type-checked here and
-refused there, so wiring it to the sampler is one call (the engine receives
-`Request.suffix`).
+Infilling (completions only): prompts holding `<|mask|>` are filled in place and answered
+with the whole filled text; a `suffix` (with the dcjax extra `length`, default `max_tokens`)
+samples `prompt + "<|mask|>" * length + suffix` and is answered with the span between
+(`response_text`).
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import ml_collections
 
 from dcjax.config import ConfigError
 from dcjax.data.tokenizer import Tokenizer
+from dcjax.diffusion import canvas
 from dcjax.diffusion.sampler_config import validate_sampler
-from dcjax.serve.engine import Options
+from dcjax.serve.engine import Completion, Options
 from dcjax.serve.settings import Settings
 
 
@@ -52,18 +55,33 @@ class Request:
   stream: bool = False
   include_usage: bool = False
   echo: bool = False
-  suffix: str | None = None
+  suffix: str | None = None  # infilling between each prompt and this, `length` masks
+  length: int = 0
 
   @property
   def rows(self) -> list[str]:
+    """The prompts as given, prompt-major x n (what `echo` and outputs show)."""
     return [p for p in self.prompts for _ in range(self.n)]
+
+  @property
+  def canvases(self) -> list[str]:
+    """The texts sampled, one per row: the prompts, or with `suffix` the infill canvases."""
+    if self.suffix is None:
+      return self.rows
+    return [canvas.infill_text(p, self.suffix, self.length) for p in self.rows]
+
+  @property
+  def infill(self) -> bool:
+    return self.options.infill
 
 
 SAMPLER_EXTRAS = ("steps", "alg", "block_length", "threshold", "cache", "cache_refresh_every",
-                  "top_k", "alg_temp")
+                  "top_k", "alg_temp", "cfg_scale", "logits_eos_inf", "confidence_eos_eot_inf",
+                  "early_stop")
+_BOOL_EXTRAS = ("logits_eos_inf", "confidence_eos_eot_inf", "early_stop")
 _COMMON = ("model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options",
            "stop", "seed", "user") + SAMPLER_EXTRAS
-COMPLETION_FIELDS = _COMMON + ("prompt", "suffix", "echo")
+COMPLETION_FIELDS = _COMMON + ("prompt", "suffix", "length", "echo")
 CHAT_FIELDS = _COMMON + ("messages", "max_completion_tokens", "assistant_prefix")
 # OpenAI fields accepted only at their neutral value ("off"): anything else is a 400.
 _NEUTRAL = {"logprobs": (None, 0, False), "top_logprobs": (None, 0), "best_of": (None, 1),
@@ -94,9 +112,21 @@ def parse_completion(body: Mapping[str, Any], tokenizer: Tokenizer, defaults: Ma
     if not p:
       raise RequestError(f"prompt{'' if isinstance(prompt, str) else f'[{i}]'} is empty",
                          "prompt")
-  suffix = _suffix(body)
+  masked = [canvas.has_masks(p) for p in prompts]
+  if any(masked) and not all(masked):
+    i = masked.index(not masked[0])
+    raise RequestError(f"prompt[{i}] {'holds' if masked[i] else 'holds no'} <|mask|> and "
+                       f"prompt[0] {'does' if masked[0] else 'does not'}: send infill and "
+                       "completion prompts in separate requests", "prompt")
+  suffix, length = _suffix(body, masked[0], settings)
   echo = _typed(body, "echo", bool, False)
-  return _request(body, prompts, defaults, settings, echo=echo, suffix=suffix)
+  if masked[0]:  # the answer is the whole filled text: nothing to echo or cut
+    for name in ("echo", "stop"):
+      if _get(body, name):
+        raise RequestError(f"{name} does not apply to a prompt holding <|mask|>, which is "
+                           "answered with the whole filled text", name)
+  return _request(body, prompts, defaults, settings, echo=echo, suffix=suffix, length=length,
+                  infill=masked[0] or suffix is not None)
 
 
 def parse_chat(body: Mapping[str, Any], tokenizer: Tokenizer, defaults: Mapping[str, Any],
@@ -118,8 +148,24 @@ def parse_chat(body: Mapping[str, Any], tokenizer: Tokenizer, defaults: Mapping[
   if _get(body, "max_completion_tokens") is not None:
     body["max_tokens"] = body.pop("max_completion_tokens")
   prefix = _typed(body, "assistant_prefix", str, "")
+  for where, content in [(f"messages[{i}].content", t["content"]) for i, t in enumerate(turns)
+                         ] + [("assistant_prefix", prefix)]:
+    if canvas.has_masks(content):
+      raise RequestError(f"{where} holds <|mask|>: chat requests do not infill; send the "
+                         "chat-templated text as a /v1/completions prompt instead", where)
   text = tokenizer.apply_chat_template(turns, add_generation_prompt=True) + prefix
   return _request(body, [text], defaults, settings)
+
+
+def response_text(request: Request, completion: Completion, prompt: str) -> tuple[str, str]:
+  """(text, finish_reason) of one row: a completion (echo, stop strings applied), the span
+  between prompt and suffix (the same), or a filled `<|mask|>` prompt (whole)."""
+  if request.infill and request.suffix is None:
+    return completion.text, completion.finish_reason
+  text = completion.fills[0] if request.suffix is not None else completion.text
+  text, stopped = apply_stop(text, request.stop)
+  return ((prompt if request.echo else "") + text,
+          "stop" if stopped else completion.finish_reason)
 
 
 def apply_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
@@ -131,17 +177,37 @@ def apply_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 # ------------------------------------------------------------------------------ helpers
 
 
-def _suffix(body) -> str | None:
-  """The infilling hook: a `suffix` is type-checked, then refused until the sampler fills
-  a span between prompt and suffix (then: return it, and the engine builds that canvas)."""
-  suffix = _typed(body, "suffix", str, None)
-  if suffix:
-    raise RequestError("suffix (infilling) is not supported yet by this server; send the "
-                       "prompt only", "suffix", code="unsupported_field")
-  return None
+def _suffix(body, masked: bool, settings: Settings) -> tuple[str | None, int]:
+  """(suffix, length): a non-empty `suffix` infills `length` masks (default: max_tokens)
+  between each prompt and it; (None, 0) without one."""
+  suffix = _typed(body, "suffix", str, None) or None  # "" is OpenAI's "no suffix"
+  length = _typed(body, "length", int, None)
+  if suffix is None:
+    if length is not None:
+      raise RequestError("length (the span to infill) needs a non-empty suffix", "length")
+    return None, 0
+  if masked:
+    raise RequestError("send <|mask|> spans in the prompt or a suffix, not both", "suffix")
+  if canvas.has_masks(suffix):
+    raise RequestError("suffix holds <|mask|>: put every span to fill in the prompt, without "
+                       "a suffix", "suffix")
+  if length is None:
+    length = _typed(body, "max_tokens", int, None)
+    if length is None:
+      return suffix, 0  # the configured max_new_tokens, filled in by _request
+    where = "max_tokens"
+  else:
+    where = "length"
+  if length < 1:
+    raise RequestError(f"{where}={length} must be >= 1", where)
+  if length > settings.max_tokens:
+    raise RequestError(f"{where}={length} is more than this server's maximum of "
+                       f"{settings.max_tokens} (serve.max_tokens)", where)
+  return suffix, length
 
 
-def _request(body, prompts, defaults, settings: Settings, **kw) -> Request:
+def _request(body, prompts, defaults, settings: Settings, *, infill: bool = False,
+             **kw) -> Request:
   n = _typed(body, "n", int, 1)
   if n < 1:
     raise RequestError(f"n={n} must be >= 1", "n")
@@ -159,14 +225,28 @@ def _request(body, prompts, defaults, settings: Settings, **kw) -> Request:
     if unknown:
       raise RequestError(f"stream_options has unknown field {unknown[0]!r}", "stream_options")
     include_usage = _typed(stream_options, "include_usage", bool, False, "stream_options")
-  return Request(prompts=tuple(prompts), n=n, options=_options(body, defaults, settings),
-                 stop=_stop(body), stream=stream, include_usage=include_usage, **kw)
+  if kw.get("suffix") is not None and not kw.get("length"):
+    kw["length"] = int(defaults["max_new_tokens"])
+  options = _options(body, defaults, settings, infill=infill, length=kw.get("length", 0))
+  return Request(prompts=tuple(prompts), n=n, options=options, stop=_stop(body),
+                 stream=stream, include_usage=include_usage, **kw)
 
 
-def _options(body, defaults, settings: Settings) -> Options:
+def _options(body, defaults, settings: Settings, *, infill: bool = False,
+             length: int = 0) -> Options:
   """The sampler options: `defaults`, overridden by the request; checked by the sampler's
-  own validator (its messages renamed to the request's field names)."""
+  own validator (its messages renamed to the request's field names). An infill request
+  (`length`: its span, for the steps rule) runs without blocks or cache: the defaults' are
+  dropped, a request's own are a 400."""
   o = dict(defaults.items())  # the section's form: "off" is 1.0 / 0 / "", never None
+  if infill:
+    for name, off in (("block_length", 0), ("cache", "")):
+      if _get(body, name) not in (None, off) and not (name == "cache" and
+                                                      _get(body, name) == "none"):
+        raise RequestError(f"{name}={_get(body, name)!r}: infilling (a prompt holding "
+                           f"<|mask|>, or a suffix) runs without blocks or a block cache; "
+                           f"leave {name} out", name)
+      o[name] = off
   max_tokens = _typed(body, "max_tokens", int, None)
   if max_tokens is not None:
     if max_tokens < 1:
@@ -174,8 +254,11 @@ def _options(body, defaults, settings: Settings) -> Options:
     if max_tokens > settings.max_tokens:
       raise RequestError(f"max_tokens={max_tokens} is more than this server's maximum of "
                          f"{settings.max_tokens} (serve.max_tokens)", "max_tokens")
+  if infill:  # the span's masks (suffix; checked by _suffix), or none (<|mask|> prompts)
+    max_tokens = length or None
+  if max_tokens is not None:
     o["max_new_tokens"] = max_tokens
-  for name in ("temperature", "top_p", "threshold", "alg_temp"):
+  for name in ("temperature", "top_p", "threshold", "alg_temp", "cfg_scale"):
     value = _typed(body, name, (int, float), None)
     if value is not None:
       if not math.isfinite(value):
@@ -189,6 +272,10 @@ def _options(body, defaults, settings: Settings) -> Options:
     value = _typed(body, name, str, None)
     if value is not None:
       o[name] = "" if name == "cache" and value == "none" else value
+  for name in _BOOL_EXTRAS:
+    value = _typed(body, name, bool, None)
+    if value is not None:
+      o[name] = value
   steps = _typed(body, "steps", int, None)
   if steps is not None:
     if steps < 1:
@@ -207,7 +294,7 @@ def _options(body, defaults, settings: Settings) -> Options:
     param = next((f for f in ("max_tokens", "temperature", "top_p") + SAMPLER_EXTRAS
                   if message.startswith((f"{f}=", f"{f} "))), None)
     raise RequestError(message, param) from None
-  return Options.from_section(section, seed=_typed(body, "seed", int, None))
+  return Options.from_section(section, seed=_typed(body, "seed", int, None), infill=infill)
 
 
 def _default_steps(o, defaults) -> int:

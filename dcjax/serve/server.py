@@ -1,14 +1,17 @@
 """The OpenAI-compatible HTTP server (standard library `ThreadingHTTPServer`; docs/serving.md).
 
   GET  /v1/models, /v1/models/<id>   the one served model
-  POST /v1/completions               `prompt` (string or list), OpenAI's completion objects
+  POST /v1/completions               `prompt` (string or list; `<|mask|>` / `suffix` infill),
+                                     OpenAI's completion objects
   POST /v1/chat/completions          `messages`, through the tokenizer's chat template
   GET  /health, /stats               liveness; the engine's batches and compiled programs
 
 Each request is parsed and checked on its handler thread (`dcjax.serve.requests`), its
-token-id rows queued in the `Batcher`, and the handler waits for its completions. `stream`
-answers with server-sent events: the sampler fills the whole canvas in one compiled program,
-so each choice arrives as one chunk when its batch is done, then `data: [DONE]`.
+token-id rows queued in the `Batcher` (one job per `Engine.batch_key`: infill canvases of
+another bucket or mask count go to another batch), and the handler waits for its
+completions. `stream` answers with server-sent events: the sampler fills the whole canvas in
+one compiled program, so each choice arrives as one chunk when its batch is done, then
+`data: [DONE]`.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from typing import Callable
 
 from dcjax.serve.batcher import Batcher
 from dcjax.serve.engine import Completion, Engine, ProgramLimitError
-from dcjax.serve.requests import (Request, RequestError, apply_stop, parse_chat,
-                                  parse_completion)
+from dcjax.serve.requests import (Request, RequestError, parse_chat, parse_completion,
+                                  response_text)
 
 MAX_BODY_BYTES = 16 << 20
 
@@ -94,25 +97,39 @@ class Server:
     self._check_model(body)
     parse = parse_chat if chat else parse_completion
     request = parse(body, self.engine.tokenizer, self.defaults, self.settings)
-    rows = [self.engine.encode(text) for text in request.rows]
+    rows = [self.engine.encode(text) for text in request.canvases]
     problem = self.engine.check(rows, request.options)
     if problem is not None:
       param, message = problem
       raise RequestError(message, "messages" if chat and param == "prompt" else param)
-    longest = max(len(r) for r in rows)
-    if not self.engine.can_compile(request.options, self.engine.prompt_len(longest)):
+    groups: dict[tuple, list[int]] = {}  # batch key -> row indices
+    for i, row in enumerate(rows):
+      groups.setdefault(self.engine.batch_key(row, request.options), []).append(i)
+    buckets = {self.engine.prompt_len(max(len(rows[i]) for i in members))
+               for members in groups.values()}
+    if not all(self.engine.can_compile(request.options, p) for p in buckets):
       raise RequestError(
           f"these options need a new compiled sampler program and this server holds its "
           f"maximum of serve.max_programs={self.settings.max_programs}; reuse the steps / "
           f"alg / max_tokens / block_length / threshold / cache of earlier requests",
           code="too_many_programs")
-    future = self.batcher.submit(rows, request.options)
+    futures = [(members, self.batcher.submit([rows[i] for i in members], request.options,
+                                             key=key))
+               for key, members in groups.items()]
+    completions: list = [None] * len(rows)
+    deadline = time.monotonic() + (self.settings.request_timeout_s or float("inf"))
     try:
-      completions = future.result(timeout=self.settings.request_timeout_s or None)
+      for members, future in futures:
+        remaining = deadline - time.monotonic()
+        results = future.result(timeout=None if remaining == float("inf") else
+                                max(remaining, 0))
+        for i, c in zip(members, results):
+          completions[i] = c
     except ProgramLimitError as e:
       raise RequestError(str(e), code="too_many_programs") from None
     except concurrent.futures.TimeoutError:
-      future.cancel()
+      for _, future in futures:
+        future.cancel()
       raise RequestError(f"no completion within serve.request_timeout_s="
                          f"{self.settings.request_timeout_s}s", status=504,
                          kind="server_error", code="timeout") from None
@@ -128,14 +145,12 @@ class Server:
 def choices(request: Request, completions: list[Completion], chat: bool) -> list[dict]:
   out = []
   for index, (prompt, c) in enumerate(zip(request.rows, completions)):
-    text, stopped = apply_stop(c.text, request.stop)
-    finish = "stop" if stopped else c.finish_reason
+    text, finish = response_text(request, c, prompt)
     if chat:
       out.append({"index": index, "message": {"role": "assistant", "content": text},
                   "finish_reason": finish, "logprobs": None})
     else:
-      out.append({"index": index, "text": (prompt if request.echo else "") + text,
-                  "finish_reason": finish, "logprobs": None})
+      out.append({"index": index, "text": text, "finish_reason": finish, "logprobs": None})
   return out
 
 
