@@ -97,7 +97,7 @@ def dcjax_phases(mc: ModelConfig, batch: int, seq_len: int) -> dict:
   key = jax.random.key(1)
   grads = grad(params, key)
 
-  def update(g, o, p):
+  def update(g, p, o):  # outputs in the donated inputs' order, so each aliases its own buffer
     updates, o = tx.update(g, o, p)
     return optax.apply_updates(p, updates), o
 
@@ -105,7 +105,7 @@ def dcjax_phases(mc: ModelConfig, batch: int, seq_len: int) -> dict:
   holder = {"params": jax.tree.map(jnp.copy, params), "opt": tx.init(params)}
 
   def optimiser():
-    holder["params"], holder["opt"] = update(grads, holder["opt"], holder["params"])
+    holder["params"], holder["opt"] = update(grads, holder["params"], holder["opt"])
     jax.block_until_ready(holder["params"])
 
   return {"forward": lambda: jax.block_until_ready(forward(params, key)),
