@@ -2,12 +2,12 @@
 same setup cell, "Open in Colab" links on dcjax.colab.REPO_URL) and each executes on CPU with
 small parameters injected after its `parameters` cell, as papermill does.
 
-Most tests run the kernel `python3` (this venv's ipykernel) on one host CPU device, started in
-tmp_path with DCJAX_SOURCE set to this checkout, which this venv has installed: the setup cell
-finds the pins satisfied and installs nothing. The Colab tests instead clone the repository into
-a directory named `dcjax`, run the setup cell in a fresh venv (Python 3.13, Colab's, where the
-machine has it) with the working directory inside the clone, and then run a notebook in a kernel
-of that venv. A failing cell fails the test with that cell's traceback; the executed notebook is
+`test_sampler_notebook` runs the kernel `python3` (this venv's ipykernel) on one host CPU
+device, started in tmp_path with DCJAX_SOURCE set to this checkout, which this venv has installed:
+the setup cell finds the pins satisfied and installs nothing. The Colab tests clone the repository
+into a directory named `dcjax`, run the setup cell in a fresh venv (Python 3.13, Colab's, where
+the machine has it, as CI does) with the working directory inside the clone, and then run every
+notebook in a kernel of that venv started beside the clone, with no PYTHONPATH. A failing cell fails the test with that cell's traceback; the executed notebook is
 kept at tmp_path/executed.ipynb.
 """
 
@@ -168,55 +168,6 @@ def test_sampler_notebook(tmp_path):
   nb, summary = run_notebook("sampler", tmp_path, **SAMPLER_SMALL)
   _check_sampler_summary(nb, summary)
   assert "installed now: False" in _stream_text(nb)  # this venv already has the pins
-
-
-@pytest.mark.slow
-def test_pretrain_notebook(tmp_path):
-  steps = 24
-  nb, summary = run_notebook(
-      "pretrain", tmp_path, STEPS=steps, BATCH_SIZE=8, SEQ_LEN=64, LR=4e-3, WARMUP_STEPS=3,
-      LOG_EVERY=2, EVAL_EVERY=steps, EVAL_BATCHES=1, VOCAB_SIZE=512,
-      TOKENIZER_TRAIN_CHARS=200_000, HIDDEN_SIZE=64, NUM_LAYERS=1, SAMPLE_NEW_TOKENS=8,
-      SAMPLE_STEPS=8)
-  assert summary["steps_done"] == steps and summary["stopped"] == "completed"
-  assert summary["train_steps"] == list(range(2, steps + 1, 2))
-  assert summary["eval_steps"] == [0, steps]
-  assert all(math.isfinite(x) for x in summary["train_loss"] + summary["eval_loss"])
-  # Held-out loss (fixed masks) and the batch CE both fall.
-  assert summary["last_eval_loss"] < summary["first_eval_loss"] - 0.5, summary["eval_loss"]
-  ce = summary["train_ce_masked"]
-  assert np.mean(ce[-3:]) < np.mean(ce[:3]) - 0.3, ce
-  _assert_png(summary["plots"][0])
-  hf_dir = pathlib.Path(summary["hf_dir"])
-  assert (hf_dir / "config.json").exists() and (hf_dir / "tokenizer.model").exists()
-  assert "completion" in _stream_text(nb)
-
-
-@pytest.mark.slow
-def test_coupled_grpo_notebook(tmp_path):
-  iterations = 3
-  _, summary = run_notebook(
-      "coupled_grpo", tmp_path, SYNTHETIC_TASKS=12, HIDDEN_SIZE=32, WARM_START_STEPS=0,
-      RL_STEPS=iterations, NUM_PROMPTS=2, NUM_GENERATIONS=4, MAX_NEW_TOKENS=8,
-      SAMPLER_STEPS=8, VARIANCE_SEQUENCES=4, VARIANCE_DRAWS=4)
-  assert summary["iterations"] == iterations and summary["stopped"] == "completed"
-  assert summary["steps"] == list(range(1, iterations + 1))
-  assert len(summary["reward"]) == iterations
-  assert all(math.isfinite(r) and r >= 0 for r in summary["reward"])
-  assert set(summary["reward_components"]) == {"code", "format"}
-  for values in summary["reward_components"].values():
-    assert len(values) == iterations and all(math.isfinite(v) for v in values)
-  var = summary["variance"]
-  assert var["coupled"]["passes"] == var["decoupled"]["passes"] == 3
-  assert var["full"]["passes"] == 1
-  # Complementary masks lower the variance of the log-likelihood estimate (docs/grpo.md): the
-  # same mask draws give the coupled estimator 3-10x less (seeds 0-2) than the decoupled one.
-  assert 0 < var["coupled"]["var"] < var["decoupled"]["var"], var
-  assert summary["variance_ratio_decoupled_over_coupled"] == pytest.approx(
-      var["decoupled"]["var"] / var["coupled"]["var"])
-  assert var["full"]["var"] < 1e-6 * max(var["coupled"]["var"], 1.0)  # deterministic
-  assert all(math.isfinite(v["mean"]) and v["mean"] < 0 for v in var.values())
-  _assert_png(summary["plots"][0])
 
 
 # ----------------------------------------------------------------------------- Colab
@@ -409,26 +360,95 @@ def test_setup_cell_installs_from_a_clone_named_dcjax(colab_clone, tmp_path):
   assert "Restart the kernel" in stale.stderr
 
 
-@pytest.mark.slow
-def test_sampler_notebook_in_a_python313_kernel(colab_clone, tmp_path, monkeypatch):
-  """Colab's layout on its Python: the kernel starts beside <tmp>/dcjax (as /content beside
-  /content/dcjax) in the venv the setup cell installed into, with no PYTHONPATH."""
+@pytest.fixture(scope="module")
+def colab_kernel(colab_clone):
+  """(kernel name, kernel env, cwd, python): a kernel of the Colab venv, registered under the
+  venv's prefix, after its setup cell has installed dcjax (runs after the install test)."""
   python, clone = colab_clone
-  version = subprocess.run([python, "-c", "import sys; print(sys.version_info[:2])"],
-                           capture_output=True, text=True, check=True).stdout.strip()
-  if version != "(3, 13)":
-    pytest.skip(f"the fresh venv runs Python {version}, not Colab's 3.13")
   venv = pathlib.Path(python).parents[1]
-  setup = run_setup_cell(python, clone, setup_cell_source())  # installs if this test runs alone
+  setup = run_setup_cell(python, clone, setup_cell_source())  # installs if run alone
   assert setup.returncode == 0, (setup.stdout + setup.stderr)[-4000:]
   subprocess.run([python, "-m", "pip", "install", "-q", "ipykernel==7.4.0"], check=True,
                  timeout=INSTALL_TIMEOUT_S, env=_kernel_env(pythonpath=False))
   subprocess.run([python, "-m", "ipykernel", "install", "--prefix", str(venv), "--name",
-                  "dcjax-py313"], check=True, capture_output=True)
-  monkeypatch.setenv("JUPYTER_PATH", str(venv / "share" / "jupyter"))
-  nb, summary = run_notebook("sampler", tmp_path, kernel_name="dcjax-py313", cwd=clone.parent,
-                             env=_kernel_env(pythonpath=False), **SAMPLER_SMALL)
-  assert nb.metadata["language_info"]["version"].startswith("3.13")
-  _check_sampler_summary(nb, summary)
+                  "dcjax-colab"], check=True, capture_output=True)
+  return "dcjax-colab", str(venv / "share" / "jupyter"), clone, python
+
+
+def run_in_colab_kernel(colab_kernel, monkeypatch, name, tmp_path, **overrides):
+  """Colab's layout: the kernel starts beside <tmp>/dcjax (as /content beside /content/dcjax)
+  in the venv the setup cell installed into, with no PYTHONPATH."""
+  kernel, jupyter_path, clone, _ = colab_kernel
+  monkeypatch.setenv("JUPYTER_PATH", jupyter_path)
+  nb, summary = run_notebook(name, tmp_path, kernel_name=kernel, cwd=clone.parent,
+                             env=_kernel_env(pythonpath=False), **overrides)
+  if _python313():
+    assert nb.metadata["language_info"]["version"].startswith("3.13")
   text = _stream_text(nb)
   assert "installed now: False" in text and f"dcjax from {clone / 'dcjax'}" in text
+  return nb, summary
+
+
+@pytest.mark.slow
+def test_sampler_notebook_in_a_python313_kernel(colab_kernel, tmp_path, monkeypatch):
+  python = colab_kernel[3]
+  version = subprocess.run([python, "-c", "import sys; print(sys.version_info[:2])"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+  if version != "(3, 13)":
+    pytest.skip(f"the fresh venv runs Python {version}, not Colab's 3.13")
+  nb, summary = run_in_colab_kernel(colab_kernel, monkeypatch, "sampler", tmp_path,
+                                    **SAMPLER_SMALL)
+  _check_sampler_summary(nb, summary)
+
+
+# The other two notebooks run only in the Colab venv's kernel (Python 3.13 where the machine
+# has it, as on CI), the sampler notebook in both.
+
+
+@pytest.mark.slow
+def test_pretrain_notebook(colab_kernel, tmp_path, monkeypatch):
+  steps = 24
+  nb, summary = run_in_colab_kernel(
+      colab_kernel, monkeypatch, "pretrain", tmp_path, STEPS=steps, BATCH_SIZE=8, SEQ_LEN=64, LR=4e-3, WARMUP_STEPS=3,
+      LOG_EVERY=2, EVAL_EVERY=steps, EVAL_BATCHES=1, VOCAB_SIZE=512,
+      TOKENIZER_TRAIN_CHARS=200_000, HIDDEN_SIZE=64, NUM_LAYERS=1, SAMPLE_NEW_TOKENS=8,
+      SAMPLE_STEPS=8)
+  assert summary["steps_done"] == steps and summary["stopped"] == "completed"
+  assert summary["train_steps"] == list(range(2, steps + 1, 2))
+  assert summary["eval_steps"] == [0, steps]
+  assert all(math.isfinite(x) for x in summary["train_loss"] + summary["eval_loss"])
+  # Held-out loss (fixed masks) and the batch CE both fall.
+  assert summary["last_eval_loss"] < summary["first_eval_loss"] - 0.5, summary["eval_loss"]
+  ce = summary["train_ce_masked"]
+  assert np.mean(ce[-3:]) < np.mean(ce[:3]) - 0.3, ce
+  _assert_png(summary["plots"][0])
+  hf_dir = pathlib.Path(summary["hf_dir"])
+  assert (hf_dir / "config.json").exists() and (hf_dir / "tokenizer.model").exists()
+  assert "completion" in _stream_text(nb)
+
+
+@pytest.mark.slow
+def test_coupled_grpo_notebook(colab_kernel, tmp_path, monkeypatch):
+  iterations = 3
+  _, summary = run_in_colab_kernel(
+      colab_kernel, monkeypatch, "coupled_grpo", tmp_path, SYNTHETIC_TASKS=12, HIDDEN_SIZE=32, WARM_START_STEPS=0,
+      RL_STEPS=iterations, NUM_PROMPTS=2, NUM_GENERATIONS=4, MAX_NEW_TOKENS=8,
+      SAMPLER_STEPS=8, VARIANCE_SEQUENCES=4, VARIANCE_DRAWS=4)
+  assert summary["iterations"] == iterations and summary["stopped"] == "completed"
+  assert summary["steps"] == list(range(1, iterations + 1))
+  assert len(summary["reward"]) == iterations
+  assert all(math.isfinite(r) and r >= 0 for r in summary["reward"])
+  assert set(summary["reward_components"]) == {"code", "format"}
+  for values in summary["reward_components"].values():
+    assert len(values) == iterations and all(math.isfinite(v) for v in values)
+  var = summary["variance"]
+  assert var["coupled"]["passes"] == var["decoupled"]["passes"] == 3
+  assert var["full"]["passes"] == 1
+  # Complementary masks lower the variance of the log-likelihood estimate (docs/grpo.md): the
+  # same mask draws give the coupled estimator 3-10x less (seeds 0-2) than the decoupled one.
+  assert 0 < var["coupled"]["var"] < var["decoupled"]["var"], var
+  assert summary["variance_ratio_decoupled_over_coupled"] == pytest.approx(
+      var["decoupled"]["var"] / var["coupled"]["var"])
+  assert var["full"]["var"] < 1e-6 * max(var["coupled"]["var"], 1.0)  # deterministic
+  assert all(math.isfinite(v["mean"]) and v["mean"] < 0 for v in var.values())
+  _assert_png(summary["plots"][0])
