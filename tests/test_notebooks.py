@@ -7,8 +7,9 @@ device, started in tmp_path with DCJAX_SOURCE set to this checkout, which this v
 the setup cell finds the pins satisfied and installs nothing. The Colab tests clone the repository
 into a directory named `dcjax`, run the setup cell in a fresh venv (Python 3.13, Colab's, where
 the machine has it, as CI does) with the working directory inside the clone, and then run every
-notebook in a kernel of that venv started beside the clone, with no PYTHONPATH. A failing cell fails the test with that cell's traceback; the executed notebook is
-kept at tmp_path/executed.ipynb.
+notebook in a kernel of that venv started beside the clone, with no PYTHONPATH. A failing cell
+fails the test with that cell's traceback; the executed notebook is kept at
+tmp_path/executed.ipynb.
 """
 
 import configparser
