@@ -34,7 +34,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.train_step import model_config, timed  # noqa: E402
+from benchmarks.train_step import model_config, timed, torch_model  # noqa: E402
 from dcjax import model as model_lib  # noqa: E402
 from dcjax.config import base_config  # noqa: E402
 from dcjax.model.config import ModelConfig  # noqa: E402
@@ -80,19 +80,9 @@ def dcjax_runners(mc: ModelConfig, batch: dict):
 
 def torch_runners(mc: ModelConfig, batch: dict):
   import torch  # pylint: disable=import-outside-toplevel
-  from transformers import Qwen2Config, Qwen2ForCausalLM  # pylint: disable=import-outside-toplevel
-  torch.set_num_threads(os.cpu_count() or 1)
   b, n = batch["completion_mask_BxN"].shape
   l = batch["tokens_BxL"].shape[1]
-  config = Qwen2Config(vocab_size=mc.vocab_size, hidden_size=mc.hidden_size,
-                       intermediate_size=mc.intermediate_size, num_hidden_layers=mc.num_layers,
-                       num_attention_heads=mc.num_heads, num_key_value_heads=mc.num_kv_heads,
-                       head_dim=mc.head_dim, rope_theta=mc.rope_theta,
-                       rms_norm_eps=mc.rms_norm_eps, tie_word_embeddings=False,
-                       max_position_embeddings=max(l, 128))
-  config._attn_implementation = "sdpa"  # pylint: disable=protected-access
-  torch.manual_seed(0)
-  model = Qwen2ForCausalLM(config).train()
+  model = torch_model(mc, l)
   opt = torch.optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.99), weight_decay=0.1)
   tokens = torch.from_numpy(batch["tokens_BxL"]).long()
   mask = torch.from_numpy(batch["completion_mask_BxN"]).float()

@@ -144,9 +144,9 @@ def dcjax_runner(mc: ModelConfig, batch: int, seq_len: int):
   return run
 
 
-def torch_runner(mc: ModelConfig, batch: int, seq_len: int, phases: bool = False):
-  """transformers Qwen2 (fp32, non-causal 4-D mask) + the same loss + torch AdamW; with
-  `phases`, callables for the loss (forward), loss + backward, and clip + AdamW."""
+def torch_model(mc: ModelConfig, seq_len: int):
+  """transformers' Qwen2ForCausalLM with dcjax's shapes (fp32, sdpa, seed 0, train mode), on
+  every host core."""
   import torch  # pylint: disable=import-outside-toplevel
   from transformers import Qwen2Config, Qwen2ForCausalLM  # pylint: disable=import-outside-toplevel
   torch.set_num_threads(os.cpu_count() or 1)
@@ -158,7 +158,14 @@ def torch_runner(mc: ModelConfig, batch: int, seq_len: int, phases: bool = False
                        max_position_embeddings=max(seq_len, 128))
   config._attn_implementation = "sdpa"  # pylint: disable=protected-access
   torch.manual_seed(0)
-  model = Qwen2ForCausalLM(config).train()
+  return Qwen2ForCausalLM(config).train()
+
+
+def torch_runner(mc: ModelConfig, batch: int, seq_len: int, phases: bool = False):
+  """transformers Qwen2 (fp32, non-causal 4-D mask) + the same loss + torch AdamW; with
+  `phases`, callables for the loss (forward), loss + backward, and clip + AdamW."""
+  import torch  # pylint: disable=import-outside-toplevel
+  model = torch_model(mc, seq_len)
   opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
   gen = torch.Generator().manual_seed(0)
   tokens = torch.randint(8, mc.vocab_size, (batch, seq_len), generator=gen)

@@ -87,10 +87,12 @@ def test_sample_config_validation_names_the_field(field, value, match):
     sample_cli.validate(config)
 
 
-def test_sample_mode_end_to_end(tmp_path, capsys, monkeypatch):
+def _small_sample_config(monkeypatch):
+  """configs/sample.py with a 1-layer model whose random params are put on the mesh directly
+  (skips compiling flax's init, which is not under test here)."""
   from tests.test_sampler import random_params  # pylint: disable=import-outside-toplevel
 
-  def host_init(model_config, rng, mesh):  # skips compiling flax's init (not under test here)
+  def host_init(model_config, rng, mesh):
     del rng
     return jax.device_put(random_params(model_config), param_shardings(model_config, mesh))
 
@@ -98,6 +100,11 @@ def test_sample_mode_end_to_end(tmp_path, capsys, monkeypatch):
   config = sample_config.get_config()
   config.model.update(dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
                            num_kv_heads=2, head_dim=16))
+  return config
+
+
+def test_sample_mode_end_to_end(tmp_path, capsys, monkeypatch):
+  config = _small_sample_config(monkeypatch)
   config.num_samples = 3  # rounded up to the 8 batch shards of the default mesh, 3 printed
   config.prompt = "hi"
   config.visualize = True
@@ -115,16 +122,7 @@ def test_sample_mode_end_to_end(tmp_path, capsys, monkeypatch):
 
 
 def test_sample_mode_infills_prefix_suffix(tmp_path, capsys, monkeypatch):
-  from tests.test_sampler import random_params  # pylint: disable=import-outside-toplevel
-
-  def host_init(model_config, rng, mesh):
-    del rng
-    return jax.device_put(random_params(model_config), param_shardings(model_config, mesh))
-
-  monkeypatch.setattr(loading, "init_params", host_init)
-  config = sample_config.get_config()
-  config.model.update(dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
-                           num_kv_heads=2, head_dim=16))
+  config = _small_sample_config(monkeypatch)
   config.chat = False
   config.prompt = ""
   config.infill.update(dict(prefix="def f(", suffix="):\n", length=5))

@@ -283,19 +283,17 @@ def test_chat_equals_mode_sample(served, tmp_path, monkeypatch, capsys):
   assert chunks[-1].usage.total_tokens == r.usage.total_tokens
 
 
-def test_concurrent_requests_share_a_batch_and_compile_nothing_new(served):
-  client, engine, server = served["client"], served["engine"], served["server"]
-  prompts = ["a", "bb", "def f():", "print("]
-  alone = [client.completions.create(model="dcjax", prompt=p, temperature=0).choices[0].text
-           for p in prompts]  # the default program, compiled by an earlier request or here
-  compiles, lowerings, batches = engine.compiles, len(LOWERINGS), engine.stats["batches"]
+
+def _concurrent_greedy(client, server, prompts, window_s):
+  """Greedy completions of `prompts`, one thread each, sent while the batcher waits `window_s`
+  for a batch to fill."""
   results = [None] * len(prompts)
 
   def call(i):
     results[i] = client.completions.create(model="dcjax", prompt=prompts[i], temperature=0)
 
   threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
-  server.batcher.window_s = 2.0  # ample time for all four to arrive; 4 rows do not fill 8
+  server.batcher.window_s = window_s
   try:
     for t in threads:
       t.start()
@@ -303,6 +301,16 @@ def test_concurrent_requests_share_a_batch_and_compile_nothing_new(served):
       t.join(120)
   finally:
     server.batcher.window_s = 0.0
+  return results
+
+def test_concurrent_requests_share_a_batch_and_compile_nothing_new(served):
+  client, engine, server = served["client"], served["engine"], served["server"]
+  prompts = ["a", "bb", "def f():", "print("]
+  alone = [client.completions.create(model="dcjax", prompt=p, temperature=0).choices[0].text
+           for p in prompts]  # the default program, compiled by an earlier request or here
+  compiles, lowerings, batches = engine.compiles, len(LOWERINGS), engine.stats["batches"]
+  # Ample time for all four to arrive; 4 rows do not fill 8.
+  results = _concurrent_greedy(client, server, prompts, window_s=2.0)
   assert [r.choices[0].text for r in results] == alone
   assert engine.stats["batches"] == batches + 1  # four requests, one batch of 8 rows
   assert server.batcher.batch_sizes[-1] == 4
@@ -352,20 +360,9 @@ def test_infill_batches_only_with_the_same_canvas_bucket_and_mask_count(served):
   texts = ["a" + MASK * 6 + "b", "def f():" + MASK * 6 + "\n", "c" + MASK * 7]
   alone = [client.completions.create(model="dcjax", prompt=t, temperature=0).choices[0].text
            for t in texts]
-  batches, results = engine.stats["batches"], [None] * len(texts)
-
-  def call(i):
-    results[i] = client.completions.create(model="dcjax", prompt=texts[i], temperature=0)
-
-  threads = [threading.Thread(target=call, args=(i,)) for i in range(len(texts))]
-  server.batcher.window_s = 1.5  # all three arrive; neither batch fills its 8 rows
-  try:
-    for t in threads:
-      t.start()
-    for t in threads:
-      t.join(120)
-  finally:
-    server.batcher.window_s = 0.0
+  batches = engine.stats["batches"]
+  # All three arrive; neither batch fills its 8 rows.
+  results = _concurrent_greedy(client, server, texts, window_s=1.5)
   # Dream's schedule reads the batch's average mask count: 6-mask canvases share a batch,
   # the 7-mask one runs in its own, and every fill equals the one sampled alone.
   assert [r.choices[0].text for r in results] == alone

@@ -247,13 +247,7 @@ def _options(body, defaults, settings: Settings, *, infill: bool = False,
                            f"<|mask|>, or a suffix) runs without blocks or a block cache; "
                            f"leave {name} out", name)
       o[name] = off
-  max_tokens = _typed(body, "max_tokens", int, None)
-  if max_tokens is not None:
-    if max_tokens < 1:
-      raise RequestError(f"max_tokens={max_tokens} must be >= 1", "max_tokens")
-    if max_tokens > settings.max_tokens:
-      raise RequestError(f"max_tokens={max_tokens} is more than this server's maximum of "
-                         f"{settings.max_tokens} (serve.max_tokens)", "max_tokens")
+  max_tokens = _bounded(body, "max_tokens", settings.max_tokens)
   if infill:  # the span's masks (suffix; checked by _suffix), or none (<|mask|> prompts)
     max_tokens = length or None
   if max_tokens is not None:
@@ -276,13 +270,8 @@ def _options(body, defaults, settings: Settings, *, infill: bool = False,
     value = _typed(body, name, bool, None)
     if value is not None:
       o[name] = value
-  steps = _typed(body, "steps", int, None)
+  steps = _bounded(body, "steps", settings.max_tokens)
   if steps is not None:
-    if steps < 1:
-      raise RequestError(f"steps={steps} must be >= 1", "steps")
-    if steps > settings.max_tokens:
-      raise RequestError(f"steps={steps} is more than this server's maximum of "
-                         f"{settings.max_tokens} (serve.max_tokens)", "steps")
     o["steps"] = steps
   elif max_tokens is not None:  # keep the configured tokens per step, whole steps per block
     o["steps"] = _default_steps(o, defaults)
@@ -362,6 +351,18 @@ def _check_fields(body, known: Sequence[str]) -> None:
 
 def _get(body, name):
   return body.get(name)  # JSON null is "not given", as in OpenAI's API
+
+
+def _bounded(body, name, maximum: int) -> int | None:
+  """An optional int field in [1, maximum] (serve.max_tokens), or a 400 naming it."""
+  value = _typed(body, name, int, None)
+  if value is not None:
+    if value < 1:
+      raise RequestError(f"{name}={value} must be >= 1", name)
+    if value > maximum:
+      raise RequestError(f"{name}={value} is more than this server's maximum of {maximum} "
+                         "(serve.max_tokens)", name)
+  return value
 
 
 def _typed(body, name, kind, default, where: str | None = None):
