@@ -1,13 +1,14 @@
 """Coupled-GRPO on generated code tasks: held-out execution pass rates before and after RL, and
 the paper's estimator ablation (coupled / decoupled / full-mask) at CPU scale.
 
-  python benchmarks/grpo_code.py [--quick] [--seeds 3] [--iterations 16] \\
+  python benchmarks/grpo_code.py [--quick] [--seeds 3] [--iterations 16] [--slip_rate 0.6] \\
       [--png docs/img/grpo_code.png]
 
 1. `dcjax.rl.code_tasks`: 12 templates (arithmetic, conditionals, string and list transforms)
    x constants; held-out (template, constant) pairs never seen in training.
-2. A 2-layer model (hidden 64) gets a masked-diffusion SFT warm start on half of the training
-   pairs' reference solutions.
+2. A 2-layer model (hidden 64) gets a masked-diffusion SFT warm start on demonstrations of
+   half of the training pairs by a careless teacher: each is the template's slip (one
+   operator or operand order off) with probability `--slip_rate` (0.6), else the reference.
 3. From that checkpoint, coupled-GRPO with each estimator (`rl.estimator`), `--seeds` seeds
    each, the same iterations, prompts per iteration, group size and optimiser: rewards
    2.0 x code + 0.5 x format through the sandbox, prompts from every training pair.
@@ -87,10 +88,13 @@ def main() -> None:
   parser.add_argument("--quick", action="store_true", help="one seed per estimator")
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--iterations", type=int, default=code_study.StudyConfig.iterations)
+  parser.add_argument("--slip_rate", type=float, default=code_study.StudyConfig.slip_rate,
+                      help="share of the warm start's demonstrations that carry the slip "
+                           "(0: a clean teacher)")
   parser.add_argument("--png", default="docs/img/grpo_code.png")
   args = parser.parse_args()
   seeds = range(1 if args.quick else args.seeds)
-  cfg = code_study.StudyConfig(iterations=args.iterations)
+  cfg = code_study.StudyConfig(iterations=args.iterations, slip_rate=args.slip_rate)
   start = time.perf_counter()
   with tempfile.TemporaryDirectory() as workdir:
     study = code_study.setup(cfg, workdir, log=log)

@@ -40,6 +40,24 @@ def test_reference_solutions_pass_and_asserts_discriminate():
   assert np.mean(rewards.code_rewards(identity, [t["tests"] for t in tasks])) < 0.5
 
 
+def test_slip_fails_every_assert_and_the_teacher_slips_at_its_rate():
+  """The careless teacher's slip (one operator or operand order) fails each of its task's
+  asserts, the prompt's first assert included, so greedy decoding of a slipping policy scores
+  0 on that task; the teacher replaces a demonstration by the slip at `slip_rate`."""
+  s = code_tasks.code_splits(seed=0)
+  tasks = s.train + s.heldout
+  for t in tasks[::5]:
+    assert t["slip_solution"] != t["solution"]
+    slips = [prompts.fenced_answer(t["slip_solution"])] * len(t["tests"])
+    assert rewards.code_rewards(slips, [[a] for a in t["tests"]]) == [0.0] * len(t["tests"])
+  demos = code_tasks.teacher_demos(s.sft, slip_rate=0.6, copies=4, seed=3)
+  assert len(demos) == 4 * len(s.sft)
+  slipped = np.mean([d["solution"] == d["slip_solution"] for d in demos])
+  assert abs(slipped - 0.6) < 4 * np.sqrt(0.6 * 0.4 / len(demos)), slipped
+  assert code_tasks.teacher_demos(s.sft, slip_rate=0.0, copies=2) == [t for t in s.sft
+                                                                       for _ in range(2)]
+
+
 def test_harness_answer_is_what_the_eval_harness_runs():
   task = code_tasks.code_splits(seed=0).heldout[0]
   htask = code_study.harness_tasks([task])[0]
@@ -59,27 +77,36 @@ def test_harness_answer_is_what_the_eval_harness_runs():
 
 
 @pytest.mark.slow
-def test_grpo_raises_the_code_reward_beyond_sampling_noise(tmp_path):
-  """Shortened study: SFT warm start, then coupled-GRPO on a fixed set of training prompts.
-  The sampled code reward on those prompts (sandboxed asserts; a completion only earns it
-  with the right format) must rise above the warm start's by more than 3 standard errors of
-  the sampling noise, measured here with different sampling keys, and by at least 0.1."""
-  cfg = dataclasses.replace(code_study.StudyConfig(), iterations=12, lr=5e-4,
-                            eval_samples=8)
+def test_grpo_raises_heldout_pass_rates_beyond_chance(tmp_path):
+  """Shortened study (one seed, 8 of the benchmark's 16 iterations): from the careless
+  teacher's warm start, coupled-GRPO on the training prompts must raise, on the held-out
+  pairs that RL never sees,
+  * greedy pass@1 through the eval harness by at least 0.1: 3.6 x the seed-to-seed std of
+    the benchmark's coupled runs (0.028; the benchmark's three seeds rose by 0.19-0.31 at
+    iteration 8), and
+  * the mean code reward of sampled completions (asserts run in the sandbox, so format
+    alone earns nothing) by more than 3 standard errors of its sampling noise, estimated
+    from the spread of each task's samples."""
+  cfg = dataclasses.replace(code_study.StudyConfig(), iterations=8)
   study = code_study.setup(cfg, str(tmp_path), log=lambda m: None)
-  pool = np.arange(40, 40 + cfg.num_prompts)
-  tasks = [study.splits.train[i] for i in pool]
-  ids, mask = (x[pool] for x in study.train_rows)
+  n = cfg.eval_samples
+  assert cfg.slip_rate > 0.5 and n >= 4
 
-  def code_reward(params, keys=(0, 1, 2)):
-    values = [code_study.sampled_rewards(study, params, ids, mask, tasks,
-                                         jax.random.key(500 + k))["code"] for k in keys]
-    return float(np.mean(values)), float(np.std(values, ddof=1))
+  def heldout(params):
+    pass1 = code_study.heldout_eval(study, params, jax.random.key(0), sampled=False)["pass1"]
+    texts = code_study.sample_texts(study, params, *study.heldout_rows, n, None,
+                                    jax.random.key(500))
+    tests = [t["tests"] for t in study.splits.heldout for _ in range(n)]
+    code_TxN = np.asarray(rewards.code_rewards(texts, tests)).reshape(-1, n)
+    # the task means' noise: each task's sample variance over n draws, n draws per task
+    se = np.sqrt(np.sum(code_TxN.var(axis=1, ddof=1) / n)) / len(code_TxN)
+    return pass1, float(code_TxN.mean()), float(se)
 
-  before, noise_before = code_reward(study.sft_params)
-  assert 0.05 < before < 0.9  # the warm start leaves room, and the reward is not all zero
+  pass_before, before, se_before = heldout(study.sft_params)
+  assert pass_before < 0.5  # the warm start leaves room
   run = code_study.rl_run(study, code_study.make_learner(study, "coupled"), seed=0,
-                          log=lambda m: None, pool=pool, final_eval=False)
-  after, noise_after = code_reward(run["params"])
-  noise = np.sqrt((noise_before ** 2 + noise_after ** 2) / 3)
-  assert after - before > max(0.1, 3 * noise), (before, after, noise)
+                          log=lambda m: None, final_eval=False)
+  pass_after, after, se_after = heldout(run["params"])
+  assert pass_after - pass_before >= 0.1, (pass_before, pass_after)
+  noise = np.hypot(se_before, se_after)
+  assert after - before > 3 * noise, (before, after, noise)

@@ -4,7 +4,8 @@ The pieces of `benchmarks/grpo_code.py` and `tests/test_grpo_code.py` (docs/grpo
 "Code-execution study"):
 
   setup          the splits of `dcjax.rl.code_tasks`, a sentencepiece tokenizer trained on the
-                 training split's text, a tiny model, SFT on the `sft` split (warm_start.py)
+                 training split's text, a tiny model, SFT (warm_start.py) on a careless
+                 teacher's demonstrations of the `sft` split (`code_tasks.teacher_demos`)
   heldout_eval   greedy pass@1 through the evaluation harness (`dcjax.eval.evaluate`: every
                  held-out task's asserts in one sandboxed program, as benchmarks are run) and
                  the sampled mean code / format reward through the RL reward path
@@ -52,6 +53,8 @@ class StudyConfig:
 
   split_seed: int = 0
   sft_fraction: float = 0.5
+  slip_rate: float = 0.6
+  demo_copies: int = 4
   vocab_size: int = 512
   hidden_size: int = 64
   num_layers: int = 2
@@ -60,14 +63,14 @@ class StudyConfig:
   sampler_steps: int = 16
   temperature: float = 1.0
   top_p: float = 0.95
-  sft_steps: int = 600
+  sft_steps: int = 1200
   sft_batch: int = 32
   sft_lr: float = 3e-3
   iterations: int = 16
   num_prompts: int = 8
   group_size: int = 8
   mu: int = 1
-  lr: float = 3e-4
+  lr: float = 5e-4
   warmup_steps: int = 4
   beta: float = 0.01
   ref_update_every: int = 16
@@ -110,7 +113,8 @@ def setup(cfg: StudyConfig, workdir: str, log=print) -> Study:
   texts = []
   for t in splits.train:
     texts += [prompts_lib.build_question(t["question"], t["tests"]),
-              prompts_lib.fenced_answer(t["solution"])]
+              prompts_lib.fenced_answer(t["solution"]),
+              prompts_lib.fenced_answer(t["slip_solution"])]
   tok = train_sentencepiece(texts + ["system", "user", "assistant"], cfg.vocab_size,
                             os.path.join(workdir, "code_sp.model"))
   mc = ModelConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
@@ -121,7 +125,9 @@ def setup(cfg: StudyConfig, workdir: str, log=print) -> Study:
   params = model_lib.init_params(mc, jax.random.key(0))
   start = time.perf_counter()
   if cfg.sft_steps:
-    params = warm_lib.warm_start(mc, params, splits.sft, tok, steps=cfg.sft_steps,
+    demos = code_tasks.teacher_demos(splits.sft, cfg.slip_rate, cfg.demo_copies,
+                                     cfg.split_seed)
+    params = warm_lib.warm_start(mc, params, demos, tok, steps=cfg.sft_steps,
                                  batch_size=cfg.sft_batch, lr=cfg.sft_lr,
                                  max_prompt_len=cfg.max_prompt_len, num_new=cfg.num_new,
                                  system_prompt=None, seed=0, log=log, log_every=100)

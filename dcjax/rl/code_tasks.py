@@ -19,6 +19,13 @@ with a constant k from CONSTANTS. The splits are compositional:
 
 Every (template, k) pair yields one task; its asserts' arguments are drawn from `seed`, and
 a task's asserts expect different values, so no constant answer passes them all.
+
+Each template also has a slip: the plausible mistake of a careless teacher, one operator or
+operand order away from the reference (`x - k` for `x + k`, `max` for `min`, `[k] + xs` for
+`xs + [k]`). Every assert of a task tells the two apart. `teacher_demos` writes the warm
+start's demonstrations with a share of slips, so the warm-started policy puts most of its
+mass on the slip and some on the right answer: room that only the execution reward can
+show RL (docs/grpo.md, "Code-execution study").
 """
 
 from __future__ import annotations
@@ -27,28 +34,30 @@ import dataclasses
 import random
 from typing import Callable
 
-# (name, argument, phrase, expression, python function of (argument, k), argument kind)
+# (name, argument, phrase, expression, python function of (argument, k), argument kind,
+#  slip: a plausible mistake, the expression a careless teacher writes instead)
 TEMPLATES = (
-    ("add", "x", "returns x plus {k}", "x + {k}", lambda x, k: x + k, "int"),
-    ("sub", "x", "returns x minus {k}", "x - {k}", lambda x, k: x - k, "int"),
-    ("mul", "x", "returns x times {k}", "x * {k}", lambda x, k: x * k, "int"),
+    ("add", "x", "returns x plus {k}", "x + {k}", lambda x, k: x + k, "int", "x - {k}"),
+    ("sub", "x", "returns x minus {k}", "x - {k}", lambda x, k: x - k, "int", "{k} - x"),
+    ("mul", "x", "returns x times {k}", "x * {k}", lambda x, k: x * k, "int", "x + {k}"),
     ("div", "x", "returns x divided by {k}, rounded down", "x // {k}", lambda x, k: x // k,
-     "int"),
-    ("mod", "x", "returns x modulo {k}", "x % {k}", lambda x, k: x % k, "int"),
+     "int", "x % {k}"),
+    ("mod", "x", "returns x modulo {k}", "x % {k}", lambda x, k: x % k, "int", "{k} % x"),
     ("cap", "x", "returns the smaller of x and {k}", "min(x, {k})", lambda x, k: min(x, k),
-     "int"),
+     "int", "max(x, {k})"),
     ("big", "x", "returns 1 if x is greater than {k}, else 0", "1 if x > {k} else 0",
-     lambda x, k: 1 if x > k else 0, "int"),
+     lambda x, k: 1 if x > k else 0, "int", "1 if x < {k} else 0"),
     ("size", "s", "returns the length of s plus {k}", "len(s) + {k}",
-     lambda s, k: len(s) + k, "str"),
+     lambda s, k: len(s) + k, "str", "len(s) - {k}"),
     ("tag", "s", "returns s followed by the digits of {k}", "s + '{k}'",
-     lambda s, k: s + str(k), "str"),
+     lambda s, k: s + str(k), "str", "'{k}' + s"),
     ("push", "xs", "returns xs with {k} appended", "xs + [{k}]", lambda v, k: v + [k],
-     "list"),
+     "list", "[{k}] + xs"),
     ("count", "xs", "returns how many elements of xs are greater than {k}",
-     "sum(v > {k} for v in xs)", lambda v, k: sum(a > k for a in v), "list"),
+     "sum(v > {k} for v in xs)", lambda v, k: sum(a > k for a in v), "list",
+     "sum(v < {k} for v in xs)"),
     ("shift", "xs", "returns xs with {k} added to every element", "[v + {k} for v in xs]",
-     lambda v, k: [a + k for a in v], "list"),
+     lambda v, k: [a + k for a in v], "list", "[v - {k} for v in xs]"),
 )
 # Constants come from a wide range, so a model cannot memorise one answer per function name
 # and has to read the constant off the prompt (mul's stays small to keep products short).
@@ -67,6 +76,7 @@ class Template:
   expr: str
   fn: Callable
   kind: str
+  slip: str
 
 
 def templates() -> list[Template]:
@@ -82,21 +92,41 @@ def _argument(rng: random.Random, t: Template):
   return [rng.randrange(0, 60) for _ in range(3)]
 
 
+def _slip_value(t: Template, a, k: int):
+  """What the slip expression returns on argument `a` (None when it raises)."""
+  try:
+    return eval(t.slip.format(k=k), {}, {t.arg: a})  # pylint: disable=eval-used
+  except ArithmeticError:
+    return None
+
+
 def make_task(t: Template, k: int, rng: random.Random) -> dict:
-  """One task {"question", "tests", "solution", "template", "k"}; its asserts expect
-  different values (so a constant answer cannot pass them all)."""
+  """One task {"question", "tests", "solution", "slip_solution", "template", "k"}. Its asserts
+  expect different values (so a constant answer cannot pass them all), and the slip fails
+  every one of them (so each assert, the prompt's included, tells the two apart)."""
   name = f"{t.name}_{k}"
   args, outputs = [], set()
   while len(args) < ASSERTS_PER_TASK:
     a = _argument(rng, t)
-    if repr(t.fn(a, k)) not in outputs:
-      outputs.add(repr(t.fn(a, k)))
+    want = t.fn(a, k)
+    slip = _slip_value(t, a, k)
+    if repr(want) not in outputs and (slip is None or slip != want):
+      outputs.add(repr(want))
       args.append(a)
   return dict(
       question=f"Write a Python function {name}({t.arg}) that {t.phrase.format(k=k)}.",
       tests=[f"assert {name}({a!r}) == {t.fn(a, k)!r}" for a in args],
       solution=f"def {name}({t.arg}):\n    return {t.expr.format(k=k)}\n",
+      slip_solution=f"def {name}({t.arg}):\n    return {t.slip.format(k=k)}\n",
       template=t.name, k=k)
+
+
+def teacher_demos(tasks: list[dict], slip_rate: float, copies: int, seed: int = 0) -> list[dict]:
+  """`copies` demonstrations of every task from a careless teacher: each one is the task with
+  its `solution` replaced by the slip with probability `slip_rate` (drawn from `seed`)."""
+  rng = random.Random(f"teacher-{seed}")
+  return [dict(t, solution=t["slip_solution"]) if rng.random() < slip_rate else t
+          for t in tasks for _ in range(copies)]
 
 
 def heldout_pairs(seed: int = 0) -> set[tuple[str, int]]:
