@@ -48,16 +48,17 @@ def params():
   return random_params(CONFIG)
 
 
+def left_padded_prompts(seed: int, pads=(0, 2, 4, 5), width: int = 6):
+  """(ids, keep): random prompts of `width` tokens, row i left-padded with pads[i] PADs."""
+  ids = np.random.RandomState(seed).randint(2, 90, (len(pads), width)).astype(np.int32)
+  keep = np.arange(width)[None] >= np.asarray(pads)[:, None]
+  return np.where(keep, ids, PAD), keep
+
+
 @pytest.fixture(scope="module")
 def prompts():
   """Left-padded [4, 6] prompts: rows 1, 2, 3 have 2, 4, 5 pads."""
-  ids = np.random.RandomState(0).randint(2, 90, (4, 6)).astype(np.int32)
-  keep = np.ones((4, 6), bool)
-  keep[1, :2] = False
-  keep[2, :4] = False
-  keep[3, :5] = False
-  ids[~keep] = PAD
-  return ids, keep
+  return left_padded_prompts(0)
 
 
 _RUNS = {}

@@ -12,7 +12,7 @@ import pytest
 from dcjax.diffusion import canvas, decode
 from dcjax.diffusion.sampler import generate
 from dcjax.diffusion.text import generate_texts
-from tests.test_sampler import CONFIG, MASK, PAD, random_params
+from tests.test_sampler import CONFIG, MASK, PAD, left_padded_prompts, random_params
 
 N = 16
 
@@ -24,10 +24,7 @@ def params():
 
 @pytest.fixture(scope="module")
 def prompts():
-  ids = np.random.RandomState(3).randint(2, 90, (4, 6)).astype(np.int32)
-  keep = np.ones((4, 6), bool)
-  keep[1, :2] = keep[3, :5] = False
-  return np.where(keep, ids, PAD), keep
+  return left_padded_prompts(3, pads=(0, 2, 0, 5))
 
 
 def _finish_steps(tokens, reveal, p, ends):
