@@ -26,6 +26,26 @@ def test_chunk_size_is_the_largest_divisor():
   assert head.chunk_size(24, 7) == 6 and head.chunk_size(23, 8) == 1
 
 
+def test_label_is_argmax_equals_argmax_with_ties():
+  """The two-reduction hit test is `argmax == label`, first maximum winning ties: logits
+  rounded to few values tie often, and labels sit on every tied position of some rows."""
+  rng = np.random.default_rng(0)
+  logits = np.round(rng.normal(size=(6, 40, 17)) * 1.5).astype(np.float32)
+  logits[0, :, :] = 0.0                                  # every index ties
+  labels = rng.integers(0, 17, size=(6, 40)).astype(np.int32)
+  top = logits.max(-1, keepdims=True)
+  tied = np.argwhere((logits == top).sum(-1) > 1)
+  assert len(tied) > 20
+  for b, m in tied[::2]:                                 # a label on the last tied maximum
+    labels[b, m] = np.flatnonzero(logits[b, m] == top[b, m, 0])[-1]
+  labels[1, :5] = np.argmax(logits[1, :5], -1)           # and on the first
+  label_logit = np.take_along_axis(logits, labels[..., None], -1)[..., 0]
+  hit = head.label_is_argmax(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(label_logit))
+  expected = np.argmax(logits, -1) == labels
+  assert 0 < expected.sum() < expected.size
+  np.testing.assert_array_equal(np.asarray(hit), expected)
+
+
 @pytest.mark.parametrize("chunk", [5, 8])  # 5 -> chunks of 4 (largest divisor of 24)
 def test_chunked_diffusion_loss_and_grads_equal_whole_sequence(chunk):
   params = model_lib.init_params(CONFIG, jax.random.key(0))

@@ -26,6 +26,18 @@ def chunk_size(length: int, chunk: int) -> int:
   return max(d for d in range(1, chunk + 1) if length % d == 0)
 
 
+def label_is_argmax(logits_BxCxV, labels_BxC, label_logit_BxC):
+  """`argmax(logits, -1) == labels` (the first maximum wins ties) from two fused O(V)
+  reductions: the label's logit reaches the row maximum and no earlier index reaches the
+  label's logit. XLA:CPU runs `argmax`'s (value, index) reduction unvectorised, 8x slower
+  than a max (docs/attention.md, "Chunked LM head"). Rows holding a NaN count as misses."""
+  max_BxC = jnp.max(logits_BxCxV, axis=-1)
+  index_BxCxV = jax.lax.broadcasted_iota(labels_BxC.dtype, logits_BxCxV.shape, 2)
+  earlier_BxC = jnp.any((logits_BxCxV >= label_logit_BxC[..., None])
+                        & (index_BxCxV < labels_BxC[..., None]), axis=-1)
+  return (label_logit_BxC >= max_BxC) & ~earlier_BxC
+
+
 def _chunk_stats(config: ModelConfig, hidden_BxCxD, kernel_DxV, labels_BxC, with_entropy):
   dtype = jnp.dtype(config.dtype)
   logits_BxCxV = matmul(hidden_BxCxD.astype(dtype), kernel_DxV.astype(dtype), 1)
@@ -33,7 +45,7 @@ def _chunk_stats(config: ModelConfig, hidden_BxCxD, kernel_DxV, labels_BxC, with
   lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
   label_logit_BxC = jnp.take_along_axis(logits_BxCxV, labels_BxC[..., None], axis=-1)[..., 0]
   out = dict(logp=label_logit_BxC - lse_BxC,
-             hit=jnp.argmax(logits_BxCxV, axis=-1) == labels_BxC)
+             hit=label_is_argmax(logits_BxCxV, labels_BxC, label_logit_BxC))
   if with_entropy:
     probs = jax.nn.softmax(logits_BxCxV, axis=-1)
     out["entropy"] = lse_BxC - jnp.sum(probs * logits_BxCxV, axis=-1)
