@@ -44,6 +44,7 @@ ALLOWED_CHANGES = (
     "train.sample_prompt", "train.sample_new_tokens", "train.sample_steps",  # the final sample
     "train.log_every", "rl.log_every", "rl.log_completions", "warm_start.log_every",
     "checkpoint.async_save",      # how saves are written, not what
+    "model.scan_layers",          # a loop or a scan over the same layers and parameters
     "serve.*", "prompts_file", "outputs_file",  # mode=serve / sample inputs; unused by training
 )
 

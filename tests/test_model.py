@@ -69,6 +69,52 @@ def test_remat_keeps_values_and_gradients(policy):
   assert_trees_close(g1, g0, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("policy", ["none", "full"])
+def test_unrolled_layers_equal_the_scan(policy):
+  """scan_layers=False runs the same layers on the same stacked parameters as the scan:
+  logits and gradients (a padded batch, so the mask reaches every layer) agree, and without
+  remat so does the KV-cache forward (collect, then a window over the cache); the parameter
+  tree is the scan's."""
+  import dataclasses
+  scanned = dataclasses.replace(TINY, remat_policy=policy, num_layers=3)
+  unrolled = dataclasses.replace(scanned, scan_layers=False)
+  params = model_lib.init_params(scanned, jax.random.key(0))
+  assert (jax.tree.structure(model_lib.init_params(unrolled, jax.random.key(0)))
+          == jax.tree.structure(params))
+  tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 64)
+  keep = jnp.array([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8])
+
+  @jax.jit
+  def logits_and_grads(p):
+    def loss(p, c):
+      logits = model_lib.apply(c, p, tokens, keep)
+      return jnp.sum(jax.nn.log_softmax(logits)[..., 3] * keep), logits
+    return [jax.grad(loss, has_aux=True)(p, c) for c in (scanned, unrolled)]
+
+  (g_scan, l_scan), (g_loop, l_loop) = logits_and_grads(params)
+  assert_trees_close(g_loop, g_scan, atol=1e-6, rtol=1e-5)
+  np.testing.assert_allclose(l_loop, l_scan, atol=1e-5)
+  if policy != "none":
+    return
+
+  @jax.jit
+  def cached(p):
+    positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
+    out = []
+    for c in (scanned, unrolled):
+      cache, _ = model_lib.forward(c, p, tokens, positions, None, collect_kv=True)
+      out.append(model_lib.forward(c, p, tokens[:, 2:6] + 1, positions[:, 2:6], None,
+                                   cache=cache, cache_start=2, collect_kv=True))
+    return out
+
+  (cache_scan, out_scan), (cache_loop, out_loop) = cached(params)
+  assert cache_loop.k.shape == (3, 2, 8, 2, 8)
+  assert_trees_close(cache_loop, cache_scan, atol=1e-6, rtol=1e-5)
+  np.testing.assert_allclose(out_loop, out_scan, atol=1e-5)
+  with pytest.raises(ValueError, match="scan_layers"):
+    dataclasses.replace(TINY, scan_layers="no").validate()
+
+
 def test_bfloat16_compute_stays_close_to_float32():
   import dataclasses
   params = model_lib.init_params(TINY, jax.random.key(0))

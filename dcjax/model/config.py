@@ -8,7 +8,7 @@ from typing import Any, Mapping
 # remat_policy name -> the `jax.checkpoint_policies` policy applied to each scanned layer.
 # How the model runs, not what it computes: a run may set these on top of a checkpoint's
 # config.json, and a resumed run may change them.
-RUNTIME_FIELDS = ("dtype", "remat_policy", "attention_impl", "logits_chunk")
+RUNTIME_FIELDS = ("dtype", "remat_policy", "attention_impl", "logits_chunk", "scan_layers")
 REMAT_POLICIES = {"none": None, "full": "nothing_saveable", "dots": "checkpoint_dots",
                   "dots_no_batch": "checkpoint_dots_with_no_batch_dims"}
 # docs/attention.md: xla keeps [heads, L, L] scores; blockwise and splash never do.
@@ -40,6 +40,9 @@ class ModelConfig:
   # Memory: rematerialisation policy applied to each scanned layer.
   remat_policy: str = "none"
   attention_impl: str = "xla"
+  # True: one nn.scan over the layers (one compiled layer body; the pods' setting). False: a
+  # Python loop over the same stacked parameters, faster for small models on CPU.
+  scan_layers: bool = True
   # Losses and log-prob passes apply the LM head to this many positions at a time (0: all).
   logits_chunk: int = 1024
   initializer_range: float = 0.02
@@ -78,6 +81,8 @@ class ModelConfig:
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"{prefix}.attention_impl={self.attention_impl!r} is not one of "
                        f"{ATTENTION_IMPLS}")
+    if not isinstance(self.scan_layers, bool):
+      raise ValueError(f"{prefix}.scan_layers={self.scan_layers!r} must be True or False")
     if not isinstance(self.logits_chunk, int) or self.logits_chunk < 0:
       raise ValueError(f"{prefix}.logits_chunk={self.logits_chunk!r} must be an integer >= 0 "
                        "(0: the whole sequence at once)")

@@ -62,11 +62,16 @@ class Transformer(nn.Module):
     if c.remat_policy != "none":
       policy = getattr(jax.checkpoint_policies, REMAT_POLICIES[c.remat_policy])
       layer = nn.remat(DecoderLayer, policy=policy, prevent_cse=False)
-    stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
-                    length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-    x_BxWxD, new_cache = stack(c, self.collect_kv, name="layers")(
-        x_BxWxD, cos_BxWxDh, sin_BxWxDh, mask_BxWxS, cache, cache_start)
+    if c.scan_layers or self.is_initializing():
+      stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                      length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      x_BxWxD, new_cache = stack(c, self.collect_kv, name="layers")(
+          x_BxWxD, cos_BxWxDh, sin_BxWxDh, mask_BxWxS, cache, cache_start)
+    else:
+      x_BxWxD, new_cache = unrolled_layers(
+          c, self.collect_kv, self.variables["params"]["layers"], x_BxWxD, cos_BxWxDh,
+          sin_BxWxDh, mask_BxWxS, cache, cache_start)
 
     x_BxWxD = RMSNorm(c, name="norm")(x_BxWxD)
     if logits_length is not None:
@@ -76,6 +81,37 @@ class Transformer(nn.Module):
     logits_BxWxV = Dense(c, (c.vocab_size,), ("embed", "vocab"), name="lm_head")(x_BxWxD)
     return new_cache, nn.with_logical_constraint(
         logits_BxWxV, ("activation_batch", "activation_length", "activation_vocab"))
+
+
+def _unstack(tree, n: int) -> list:
+  """n trees, the i-th holding slice i of every leaf's leading axis. One `lax.split` per
+  leaf, whose transpose is one concatenate: the per-layer gradients land in the stacked
+  gradient without a zero-filled buffer."""
+  parts = jax.tree.map(lambda a: jax.lax.split(a, [1] * n, axis=0), tree)
+  return [jax.tree.map(lambda a, i=i: a[i][0], parts, is_leaf=lambda x: isinstance(x, list))
+          for i in range(n)]
+
+
+def unrolled_layers(config: ModelConfig, collect_kv: bool, stacked_params, x_BxWxD,
+                    cos_BxWxDh, sin_BxWxDh, mask_BxWxS, cache, cache_start):
+  """The layer stack as a Python loop over the scanned [NL, ...] parameters
+  (`scan_layers=False`): the same layer, the same parameters, no loop carry and no stacked
+  residuals (docs/model.md, "Layers")."""
+  def layer(params, x, layer_cache):
+    return DecoderLayer(config, collect_kv).apply(
+        {"params": params}, x, cos_BxWxDh, sin_BxWxDh, mask_BxWxS, layer_cache, cache_start)
+
+  if config.remat_policy != "none":
+    layer = jax.checkpoint(layer, prevent_cse=False, policy=getattr(
+        jax.checkpoint_policies, REMAT_POLICIES[config.remat_policy]))
+  n = config.num_layers
+  caches = [None] * n if cache is None else _unstack(cache, n)
+  kvs = []
+  for params, layer_cache in zip(_unstack(stacked_params, n), caches):
+    x_BxWxD, kv = layer(params, x_BxWxD, layer_cache)
+    kvs.append(kv)
+  new_cache = None if kvs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *kvs)
+  return x_BxWxD, new_cache
 
 
 def keep_positions(keep_BxL):
