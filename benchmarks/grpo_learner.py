@@ -30,6 +30,11 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+# Both libraries run in this process under the same malloc settings (dcjax/host_malloc.py;
+# DCJAX_HOST_MALLOC=0 keeps glibc's defaults).
+from dcjax import host_malloc  # noqa: E402
+host_malloc.tune()
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -123,6 +128,19 @@ def torch_runners(mc: ModelConfig, batch: dict):
   return {"update": update, "score": score}
 
 
+def _torch_times(fields: dict, batch: dict, steps: int) -> dict:
+  mc = ModelConfig.from_dict(fields)
+  return timed({f"torch {k}": v for k, v in torch_runners(mc, batch).items()}, steps)
+
+
+def torch_in_own_process(mc: ModelConfig, batch: dict, steps: int) -> dict:
+  """The torch runners timed in a fresh process with the same malloc settings, as in
+  benchmarks/train_step.py (`torch_in_own_process` there says why)."""
+  import multiprocessing  # pylint: disable=import-outside-toplevel
+  with multiprocessing.get_context("spawn").Pool(1) as pool:
+    return pool.apply(_torch_times, (mc.to_dict(), batch, steps))
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--models", default="tiny,small")
@@ -143,10 +161,10 @@ def main(argv=None):
   for name, group in zip(names, groups):
     mc = model_config(name, "float32", "none")
     batch = make_batch(mc, group, args.prompt, args.completion)
-    runners = {f"dcjax {k}": v for k, v in dcjax_runners(mc, batch).items()}
+    times = timed({f"dcjax {k}": v for k, v in dcjax_runners(mc, batch).items()}, args.steps)
     if not args.no_torch:
-      runners.update({f"torch {k}": v for k, v in torch_runners(mc, batch).items()})
-    rows[name] = (mc, group, timed(runners, args.steps))
+      times.update(torch_in_own_process(mc, batch, args.steps))
+    rows[name] = (mc, group, times)
     metrics.measure_matmul_peak.cache_clear()
     peaks.append(metrics.peak_flops(cpu_dtype=np.dtype("float32")))
   peak, peak_source = max(peaks)

@@ -6,7 +6,8 @@
 
 For each model: the full dcjax train step (masked-diffusion loss with the shift and 1/t,
 AdamW, clipping; jitted, donated) and, unless --no_torch, `transformers` Qwen2ForCausalLM
-with a non-causal 4-D mask running the same loss and AdamW, both fp32 on the CPU. MFU =
+with a non-causal 4-D mask running the same loss and AdamW, both fp32 on the CPU; torch runs
+in a process of its own started by this command, with the same malloc settings. MFU =
 model FLOP/s (6N + bidirectional attention, dcjax.train.metrics) / peak, where the peak is
 a matmul measured in this process on the CPU, or the chip's data-sheet bf16 peak. Then, per
 model, the phases timed alone for both (unless --no_phases): forward (the loss), backward
@@ -24,6 +25,11 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+# Both libraries run in this process under the same malloc settings (dcjax/host_malloc.py;
+# DCJAX_HOST_MALLOC=0 keeps glibc's defaults).
+from dcjax import host_malloc  # noqa: E402
+host_malloc.tune()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -200,6 +206,26 @@ def torch_runner(mc: ModelConfig, batch: int, seq_len: int, phases: bool = False
   return run
 
 
+def _torch_times(fields: dict, batch: int, seq_len: int, steps: int, phases: bool):
+  """(median s per torch step, {"torch <phase>": s}), measured in the calling process."""
+  mc = ModelConfig.from_dict(fields)
+  step = timed({"torch": torch_runner(mc, batch, seq_len)}, steps)["torch"]
+  if not phases:
+    return step, {}
+  return step, timed({f"torch {k}": v
+                      for k, v in torch_runner(mc, batch, seq_len, phases=True).items()}, steps)
+
+
+def torch_in_own_process(mc: ModelConfig, batch: int, seq_len: int, steps: int,
+                         phases: bool):
+  """`_torch_times` in a fresh process (same malloc settings, dcjax/host_malloc.py). In one
+  process the two libraries' buffers share glibc's heap: after torch's steps, XLA's buffers
+  fault their pages in again at every step (29,600 faults, +40 % on the tiny step)."""
+  import multiprocessing  # pylint: disable=import-outside-toplevel
+  with multiprocessing.get_context("spawn").Pool(1) as pool:
+    return pool.apply(_torch_times, (mc.to_dict(), batch, seq_len, steps, phases))
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--models", default="tiny,small")
@@ -230,17 +256,18 @@ def main(argv=None):
   rows, phase_times = {}, {}
   for name, batch, seq_len in zip(names, batches, lengths):
     mc = model_config(name, args.dtype, args.remat)
-    runners = {"dcjax": dcjax_runner(mc, batch, seq_len)}
-    if not args.no_torch:
-      runners["torch"] = torch_runner(mc, batch, seq_len)
-    rows[name] = (mc, batch, seq_len, timed(runners, args.steps))
+    times = timed({"dcjax": dcjax_runner(mc, batch, seq_len)}, args.steps)
     if not args.no_phases:
-      phase_fns = {f"dcjax {k}": v for k, v in dcjax_phases(mc, batch, seq_len).items()}
-      if not args.no_torch:
-        phase_fns.update({f"torch {k}": v
-                          for k, v in torch_runner(mc, batch, seq_len, phases=True).items()})
-      phase_times[name] = timed(phase_fns, args.steps)
+      phase_times[name] = timed({f"dcjax {k}": v
+                                 for k, v in dcjax_phases(mc, batch, seq_len).items()},
+                                args.steps)
     measure_peak()
+    if not args.no_torch:
+      torch_times, torch_phases = torch_in_own_process(mc, batch, seq_len, args.steps,
+                                                       not args.no_phases)
+      times["torch"] = torch_times
+      phase_times.get(name, {}).update(torch_phases)
+    rows[name] = (mc, batch, seq_len, times)
   # The best peak seen in the run (the least loaded moment): a conservative MFU.
   peak, peak_source = max(peaks)
   print(f"device: {device.device_kind} x {jax.device_count()}; peak {peak:.3e} FLOP/s "

@@ -5,14 +5,19 @@ workdir (local, or gs:// through a local mirror: `dcjax.workdir`), then dispatch
 `config.mode`.
 """
 
-from absl import app, flags, logging
-import jax
-from ml_collections import config_flags
+from dcjax import host_malloc
 
-from dcjax import config as config_lib
-from dcjax import run_config
-from dcjax import workdir as workdir_lib
-from dcjax.parallel import distributed
+host_malloc.tune()  # before jax allocates anything (docs/performance.md, "Host memory")
+
+# pylint: disable=wrong-import-position
+from absl import app, flags, logging  # noqa: E402
+import jax  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from dcjax import config as config_lib  # noqa: E402
+from dcjax import run_config  # noqa: E402
+from dcjax import workdir as workdir_lib  # noqa: E402
+from dcjax.parallel import distributed  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)
