@@ -9,12 +9,6 @@ import tempfile
 
 import pytest
 
-from dcjax import host_malloc
-
-# glibc malloc keeps XLA's freed buffers (docs/performance.md, "Host memory"), as
-# `python -m dcjax.main` does; the subprocesses the tests start through dcjax.main apply it too.
-host_malloc.tune()
-
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -59,10 +53,3 @@ def require_shared_file(name: str) -> pathlib.Path:
 def mbpp_path() -> pathlib.Path:
   return require_shared_file("mbpp.jsonl")
 
-
-def pytest_collection_modifyitems(config, items):
-  """Slow tests first (stable otherwise): with pytest-xdist's two workers (launch/test.sh)
-  the minutes-long ones start early and overlap the many short ones, instead of one of them
-  running alone at the end."""
-  del config
-  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
