@@ -52,4 +52,3 @@ def require_shared_file(name: str) -> pathlib.Path:
 @pytest.fixture
 def mbpp_path() -> pathlib.Path:
   return require_shared_file("mbpp.jsonl")
-
