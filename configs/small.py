@@ -15,7 +15,8 @@ def get_config():
       vocab_size=16384, hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12,
       num_kv_heads=4, head_dim=64, rope_theta=10_000.0, rms_norm_eps=1e-6,
       max_position_embeddings=2048, dtype="bfloat16", param_dtype="float32",
-      remat_policy="none", mask_token_id=4, pad_token_id=1, eos_token_id=1))
+      remat_policy="none", mask_token_id=4, pad_token_id=1, eos_token_id=1,
+      logits_chunk=128))  # small chunks: the head skips more non-targets (docs/attention.md)
   c.inspect_batch = 8
   c.inspect_length = 512
   return c

@@ -7,11 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
 from dcjax import model as model_lib
 from dcjax.diffusion import forward_process as fp
 from dcjax.diffusion import losses
 from dcjax.model import head
+from dcjax.parallel import mesh as mesh_lib
 from dcjax.rl import logprobs
 from tests.trees import assert_trees_close
 
@@ -95,3 +97,69 @@ def test_chunked_grpo_logps_and_grads_equal_whole_sequence():
   np.testing.assert_allclose(out_lp, ref_lp, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(out_ent, ref_ent, rtol=1e-5, atol=1e-6)
   assert_trees_close(out_g, ref_g, rtol=1e-5, atol=1e-6)
+
+
+def _wanted_case(b, m, per_row, seed=0):
+  """Hidden states, labels and a `where` mask with exactly `per_row` wanted positions in
+  each row (random places); unwanted positions' hidden states are NaN."""
+  rng = np.random.default_rng(seed)
+  where = np.zeros((b, m), bool)
+  for row in where:
+    row[rng.choice(m, per_row, replace=False)] = True
+  hidden = rng.standard_normal((b, m, CONFIG.hidden_size)).astype(np.float32)
+  labels = rng.integers(0, CONFIG.vocab_size, (b, m)).astype(np.int32)
+  weights = rng.uniform(0.5, 2.0, (b, m)).astype(np.float32)
+  return hidden, labels, where, weights
+
+
+@pytest.mark.parametrize("mesh_axes", [None, {"data": 2, "fsdp": 2, "tensor": 2}])
+def test_scoring_wanted_positions_equals_the_whole_head_and_skips_the_rest(mesh_axes):
+  """`token_logps(where=...)` gives the whole head's log-probs, hits and entropies at the
+  wanted positions and 0 / False elsewhere, with the same gradients; chunks holding no wanted
+  position are skipped: the unwanted hidden states are NaN and nothing turns NaN (a computed
+  chunk's NaN rows would poison the kernel's gradient). Under a mesh the positions sort
+  within each of the 4 batch shards."""
+  b, m, per_row = 4, 24, 8   # chunks of 8 sorted positions: whole chunks wanted or unwanted
+  config = dataclasses.replace(CONFIG, logits_chunk=8)
+  params = model_lib.init_params(CONFIG, jax.random.key(0))
+  hidden, labels, where, weights = _wanted_case(b, m, per_row)
+  clean = np.where(where[..., None], hidden, 0.0).astype(np.float32)
+  nan_hidden = np.where(where[..., None], hidden, np.nan).astype(np.float32)
+
+  def whole(p, h):
+    stats = head.token_logps(CONFIG, p, h, labels, with_entropy=True)
+    return jnp.sum(jnp.where(where, weights * stats["logp"], 0.0)), stats
+
+  def wanted(p, h):
+    stats = head.token_logps(config, p, h, labels, with_entropy=True, where=where)
+    return jnp.sum(weights * stats["logp"]), stats
+
+  grad = lambda f, h: jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(params, h)
+  (ref, ref_stats), ref_grads = grad(whole, clean)
+  if mesh_axes is None:
+    assert head.batch_groups(b) == 1
+    (out, stats), grads = grad(wanted, nan_hidden)
+  else:
+    mesh = mesh_lib.make_mesh(mesh_axes)
+    with jax.set_mesh(mesh):
+      assert head.batch_groups(b) == 4 and head.batch_groups(2) == 2
+      sharded = jax.device_put(nan_hidden, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
+      (out, stats), grads = grad(wanted, sharded)
+  np.testing.assert_allclose(out, ref, rtol=1e-5)
+  for key in ("logp", "entropy"):
+    np.testing.assert_allclose(stats[key], np.where(where, ref_stats[key], 0.0), rtol=1e-5,
+                               atol=1e-6, err_msg=key)
+  np.testing.assert_array_equal(stats["hit"], np.asarray(ref_stats["hit"]) & where)
+  assert_trees_close(grads[0], ref_grads[0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(grads[1], np.where(where[..., None], ref_grads[1], 0.0),
+                             rtol=1e-5, atol=1e-6)
+  assert np.abs(np.asarray(grads[1])).max() > 0
+
+
+def test_scoring_no_wanted_position_is_all_zeros():
+  params = model_lib.init_params(CONFIG, jax.random.key(0))
+  hidden, labels, _, _ = _wanted_case(2, 24, 1)
+  none = np.zeros((2, 24), bool)
+  f = lambda h: jnp.sum(head.token_logps(CONFIG, params, h, labels, where=none)["logp"])
+  value, grad = jax.value_and_grad(f)(jnp.full_like(hidden, jnp.nan))
+  assert float(value) == 0.0 and not np.asarray(grad).any()

@@ -113,10 +113,12 @@ def loss_sums(logits_BxLxV, prepared: dict) -> dict:
 def hidden_loss_sums(model_config, params, hidden_BxLxD, prepared: dict) -> dict:
   """`loss_sums` from the final-norm hidden states, the LM head applied in chunks of
   `model_config.logits_chunk` positions (`dcjax.model.head`): the same sums without
-  [B, L, V] fp32 logits. Every position is scored (labels rolled by one, the last
-  position's wrapped label never a target) so the chunks divide L."""
+  [B, L, V] fp32 logits. Position i is scored with label token i + 1, and only where that
+  token is a target (the head skips the rest: docs/attention.md, "Scoring only the
+  targets"); the last position is never scored."""
   labels_BxL = jnp.roll(prepared["tokens"], -1, axis=1)
-  stats = head.token_logps(model_config, params, hidden_BxLxD, labels_BxL)
+  scored_BxL = jnp.pad(prepared["target"][:, 1:], ((0, 0), (0, 1)))
+  stats = head.token_logps(model_config, params, hidden_BxLxD, labels_BxL, where=scored_BxL)
   return _sums(-stats["logp"][:, :-1], stats["hit"][:, :-1], prepared)
 
 

@@ -5,9 +5,15 @@ full-vocabulary fp32 logits for every position (docs/attention.md, "Chunked loss
 model's `lm_head` to all positions and taking an fp32 log-softmax: logits in the compute dtype,
 then float32 statistics. Each chunk runs under `jax.checkpoint`, so the backward pass recomputes
 one chunk's logits at a time instead of keeping them all.
+
+With `where`, only the positions the caller reads are scored: each batch shard's positions
+are sorted so that the wanted ones come first, and chunks past the last wanted position are
+skipped (docs/attention.md, "Scoring only the targets").
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +21,10 @@ import flax.linen as nn
 
 from dcjax.model.config import ModelConfig
 from dcjax.model.layers import matmul
+from dcjax.parallel.rules import LOGICAL_AXIS_RULES
 
 ACT_LOGITS = ("activation_batch", "activation_length", "activation_vocab")
+BATCH_MESH_AXES = dict(LOGICAL_AXIS_RULES)["activation_batch"]
 
 
 def chunk_size(length: int, chunk: int) -> int:
@@ -53,10 +61,17 @@ def _chunk_stats(config: ModelConfig, hidden_BxCxD, kernel_DxV, labels_BxC, with
 
 
 def token_logps(config: ModelConfig, params, hidden_BxMxD, labels_BxM, *,
-                with_entropy: bool = False) -> dict:
+                with_entropy: bool = False, where=None) -> dict:
   """{"logp": [B, M] fp32 log p(label), "hit": [B, M] argmax == label, "entropy": [B, M]
   (with_entropy)} for the final-norm hidden states `hidden_BxMxD` (the model with head=False),
-  in chunks of `config.logits_chunk` positions."""
+  in chunks of `config.logits_chunk` positions.
+
+  `where` ([B, M] bool, optional): the positions the caller reads. Elsewhere the outputs are
+  0 (False for "hit") with no gradient, and the LM head skips them (`_wanted_stats`).
+  """
+  if where is not None:
+    return _wanted_stats(config, params["lm_head"]["kernel"], hidden_BxMxD, labels_BxM,
+                         where, with_entropy)
   kernel_DxV = params["lm_head"]["kernel"]
   b, m, d = hidden_BxMxD.shape
   c = chunk_size(m, config.logits_chunk)
@@ -69,3 +84,78 @@ def token_logps(config: ModelConfig, params, hidden_BxMxD, labels_BxM, *,
       policy=jax.checkpoint_policies.nothing_saveable)
   stats = jax.lax.map(lambda xs: body(*xs), (hidden_NxBxCxD, labels_NxBxC))
   return {k: jnp.moveaxis(v, 0, 1).reshape(b, m) for k, v in stats.items()}
+
+
+def batch_groups(batch: int) -> int:
+  """Into how many groups of rows the current mesh (`jax.set_mesh`) splits a batch of
+  `batch` rows: the product of the mesh axes that `activation_batch` maps to, or 1 outside a
+  mesh. Sorting positions within a group keeps every row on the shard that holds it."""
+  shape = jax.sharding.get_abstract_mesh().shape
+  axes = BATCH_MESH_AXES if isinstance(BATCH_MESH_AXES, tuple) else (BATCH_MESH_AXES,)
+  return math.gcd(batch, math.prod(shape.get(axis, 1) for axis in axes))
+
+
+@jax.custom_vjp
+def permute(x_GxNx, order_GxN, inverse_GxN):
+  """x[g, order[g, i]] along axis 1, for a permutation `order` whose inverse is `inverse`:
+  the transpose is the gather by `inverse`, not a scatter-add."""
+  return _gather(x_GxNx, order_GxN)
+
+
+def _gather(x_GxNx, index_GxN):
+  index = index_GxN.reshape(index_GxN.shape + (1,) * (x_GxNx.ndim - 2))
+  return jnp.take_along_axis(x_GxNx, index, axis=1)
+
+
+def _permute_fwd(x_GxNx, order_GxN, inverse_GxN):
+  return _gather(x_GxNx, order_GxN), (order_GxN, inverse_GxN)
+
+
+def _permute_bwd(residuals, g_GxNx):
+  order_GxN, inverse_GxN = residuals
+  return _gather(g_GxNx, inverse_GxN), None, None
+
+
+permute.defvjp(_permute_fwd, _permute_bwd)
+
+
+def _wanted_stats(config: ModelConfig, kernel_DxV, hidden_BxMxD, labels_BxM, where_BxM,
+                  with_entropy: bool) -> dict:
+  """`token_logps` at the `where` positions only (docs/attention.md, "Scoring only the
+  targets"). The B rows form G groups, one per batch shard (`batch_groups`); within each
+  group the N = B/G * M positions are sorted wanted-first (a stable sort), and the LM head
+  runs over chunks of `logits_chunk` sorted positions, skipping (`lax.cond`) every chunk that
+  starts past the largest group's count of wanted positions. Outputs go back to [B, M] by
+  the inverse permutation. Unwanted positions inside a computed chunk are computed, then
+  zeroed."""
+  b, m, d = hidden_BxMxD.shape
+  g = batch_groups(b)
+  n = b // g * m
+  c = chunk_size(n, config.logits_chunk)
+  where_GxN = where_BxM.astype(bool).reshape(g, n)
+  order_GxN = jnp.argsort(~where_GxN, axis=1, stable=True)
+  inverse_GxN = jnp.argsort(order_GxN, axis=1)
+  wanted = jnp.max(jnp.sum(where_GxN, axis=1, dtype=jnp.int32))
+  hidden_GxNxD = permute(hidden_BxMxD.reshape(g, n, d), order_GxN, inverse_GxN)
+  labels_GxN = _gather(labels_BxM.reshape(g, n), order_GxN)
+  hidden_KxGxCxD = jnp.moveaxis(hidden_GxNxD.reshape(g, n // c, c, d), 1, 0)
+  labels_KxGxC = jnp.moveaxis(labels_GxN.reshape(g, n // c, c), 1, 0)
+  active_K = jnp.arange(n // c, dtype=jnp.int32) * c < wanted
+
+  def chunk(h_GxCxD, y_GxC, active):
+    stats = lambda: _chunk_stats(config, h_GxCxD, kernel_DxV, y_GxC, with_entropy)
+    skipped = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                   jax.eval_shape(stats))
+    return jax.lax.cond(active, stats, skipped)
+
+  body = jax.checkpoint(chunk, policy=jax.checkpoint_policies.nothing_saveable)
+  stats = jax.lax.map(lambda xs: body(*xs), (hidden_KxGxCxD, labels_KxGxC, active_K))
+  out = {}
+  for key, v_KxGxC in stats.items():
+    v_GxN = jnp.moveaxis(v_KxGxC, 0, 1).reshape(g, n)
+    if jnp.issubdtype(v_GxN.dtype, jnp.floating):
+      v_GxN = permute(v_GxN, inverse_GxN, order_GxN)
+    else:  # the hit: no gradient to carry
+      v_GxN = _gather(v_GxN, inverse_GxN)
+    out[key] = jnp.where(where_BxM, v_GxN.reshape(b, m), jnp.zeros((), v_GxN.dtype))
+  return out

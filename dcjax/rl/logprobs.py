@@ -114,17 +114,18 @@ def passes(noise: MaskNoise, cfg: EstimatorConfig):
 
 
 def completion_logps(model_config, params, hidden_BxLxD, tokens_BxL, num_new: int, *,
-                     with_entropy: bool = False):
+                     with_entropy: bool = False, where_BxN=None):
   """fp32 log p(token) of the last `num_new` positions through the shift (and entropy).
 
   Position i is predicted by the output at i - 1, so the completion block [L-N, L) reads
   the final-norm hidden states at [L-N-1, L-1); the LM head runs in chunks of
-  `model_config.logits_chunk` positions (`dcjax.model.head`). Needs a prompt of at least
-  one token.
+  `model_config.logits_chunk` positions (`dcjax.model.head`). With `where_BxN`, only those
+  completion tokens are scored (0 elsewhere). Needs a prompt of at least one token.
   """
   l = tokens_BxL.shape[1]
   stats = head.token_logps(model_config, params, hidden_BxLxD[:, l - num_new - 1:l - 1],
-                           tokens_BxL[:, l - num_new:], with_entropy=with_entropy)
+                           tokens_BxL[:, l - num_new:], with_entropy=with_entropy,
+                           where=where_BxN)
   return stats["logp"], stats.get("entropy")
 
 
@@ -149,8 +150,11 @@ def per_token_logps(model_config, params, tokens_BxL, noise: MaskNoise, cfg: Est
     noisy_BxN = jnp.where(masked_PxBxN[p], mask_id, completion_BxN)
     inputs_BxL = jnp.concatenate([prompt_BxP, noisy_BxN], axis=1)
     hidden = model_lib.hidden(model_config, params, inputs_BxL, attention)
+    # Pass 0 reads every completion token; the masked passes only their masked ones (coef
+    # is 0 elsewhere), so the LM head skips the rest (docs/attention.md).
     lp_BxN, ent = completion_logps(model_config, params, hidden, tokens_BxL, n,
-                                   with_entropy=with_entropy and p == 0)
+                                   with_entropy=with_entropy and p == 0,
+                                   where_BxN=None if p == 0 else masked_PxBxN[p])
     logp_BxN = logp_BxN + coef_PxBxN[p] * lp_BxN
     if ent is not None:
       entropy_BxN = jax.lax.stop_gradient(ent)
