@@ -64,6 +64,12 @@ def run_estimator(monkeypatch, seq, cfg, key=jax.random.key(3)):
   params = fake_params()
   logp, ent = logprobs.per_token_logps(HEAD_CONFIG, params, seq, noise, cfg, MASK,
                                        with_entropy=True)
+  # One forward of all passes, row b's pass p at row b * P + p: split it back into passes.
+  assert len(calls) == 1
+  tokens, attention = calls[0]
+  passes = tokens.shape[0] // B
+  assert tokens.shape[0] == B * passes
+  calls = [(tokens.reshape(B, passes, -1)[:, p], attention) for p in range(passes)]
   return calls, noise, np.asarray(logp), ent, params
 
 
@@ -140,15 +146,17 @@ def test_same_key_same_estimate_other_key_differs(monkeypatch, seq):
   assert np.abs(a - c).max() > 1e-3
 
 
-def test_attention_mask_option_passes_keep_mask(monkeypatch, seq):
+@pytest.mark.parametrize("kind,passes", [("full", 1), ("coupled", 3)])
+def test_attention_mask_option_passes_keep_mask(monkeypatch, seq, kind, passes):
+  """Each row's keep-mask goes with each of its passes (rows b * P + p)."""
   calls = []
   monkeypatch.setattr(logprobs.model_lib, "hidden", fake_apply_factory(calls))
-  cfg = logprobs.EstimatorConfig("full", attention_mask=True)
-  keep = jnp.ones((B, P + N), bool).at[0, 0].set(False)
+  cfg = logprobs.EstimatorConfig(kind, attention_mask=True)
+  keep = jnp.ones((B, P + N), bool).at[0, 0].set(False).at[1, :2].set(False)
   logprobs.per_token_logps(HEAD_CONFIG, fake_params(), seq,
                            logprobs.draw_noise(jax.random.key(0), B, N, cfg), cfg, MASK,
                            keep_BxL=keep)
-  np.testing.assert_array_equal(np.asarray(calls[0][1]), np.asarray(keep))
+  np.testing.assert_array_equal(np.asarray(calls[0][1]), np.repeat(np.asarray(keep), passes, 0))
 
 
 def test_grpo_loss_matches_hand_computation():

@@ -142,20 +142,32 @@ def per_token_logps(model_config, params, tokens_BxL, noise: MaskNoise, cfg: Est
     raise ValueError(f"tokens_BxL has length {tokens_BxL.shape[1]} but the completion is {n} "
                      "tokens: the prompt must hold at least one token")
   masked_PxBxN, coef_PxBxN = passes(noise, cfg)
-  prompt_BxP, completion_BxN = tokens_BxL[:, :-n], tokens_BxL[:, -n:]
-  attention = keep_BxL if cfg.attention_mask else None
-  logp_BxN = jnp.zeros(completion_BxN.shape, jnp.float32)
-  entropy_BxN = None
-  for p in range(masked_PxBxN.shape[0]):
-    noisy_BxN = jnp.where(masked_PxBxN[p], mask_id, completion_BxN)
-    inputs_BxL = jnp.concatenate([prompt_BxP, noisy_BxN], axis=1)
-    hidden = model_lib.hidden(model_config, params, inputs_BxL, attention)
-    # Pass 0 reads every completion token; the masked passes only their masked ones (coef
-    # is 0 elsewhere), so the LM head skips the rest (docs/attention.md).
-    lp_BxN, ent = completion_logps(model_config, params, hidden, tokens_BxL, n,
-                                   with_entropy=with_entropy and p == 0,
-                                   where_BxN=None if p == 0 else masked_PxBxN[p])
-    logp_BxN = logp_BxN + coef_PxBxN[p] * lp_BxN
-    if ent is not None:
-      entropy_BxN = jax.lax.stop_gradient(ent)
+  b, l = tokens_BxL.shape
+  num_passes = masked_PxBxN.shape[0]
+  # Every pass in one forward of B * P rows, row b's passes adjacent (row b * P + p), so a
+  # batch shard keeps its own rows and the matmuls see P times the rows (docs/grpo.md).
+  masked_BxPxN = jnp.moveaxis(masked_PxBxN, 0, 1)
+  noisy_BxPxN = jnp.where(masked_BxPxN, mask_id, tokens_BxL[:, None, l - n:])
+  prompt_BxPxT = jnp.broadcast_to(tokens_BxL[:, None, :l - n], (b, num_passes, l - n))
+  inputs_BPxL = jnp.concatenate([prompt_BxPxT, noisy_BxPxN], axis=2).reshape(-1, l)
+  attention = None
+  if cfg.attention_mask and keep_BxL is not None:
+    attention = jnp.repeat(keep_BxL, num_passes, axis=0)
+  hidden_BPxLxD = model_lib.hidden(model_config, params, inputs_BPxL, attention)
+  hidden_BxPxLxD = hidden_BPxLxD.reshape(b, num_passes, l, -1)
+  # Pass 0 reads every completion token; the masked passes only their masked ones (coef
+  # is 0 elsewhere), so for them the LM head skips the rest (docs/attention.md).
+  lp_0, ent = completion_logps(model_config, params, hidden_BxPxLxD[:, 0], tokens_BxL, n,
+                               with_entropy=with_entropy)
+  lp_BxPxN = lp_0[:, None]
+  if num_passes > 1:
+    lp_rest = completion_logps(
+        model_config, params, hidden_BxPxLxD[:, 1:].reshape(-1, l, hidden_BPxLxD.shape[-1]),
+        jnp.repeat(tokens_BxL, num_passes - 1, axis=0), n,
+        where_BxN=masked_BxPxN[:, 1:].reshape(-1, n))[0]
+    lp_BxPxN = jnp.concatenate([lp_BxPxN, lp_rest.reshape(b, num_passes - 1, n)], axis=1)
+  logp_BxN = jnp.zeros((b, n), jnp.float32)
+  for p in range(num_passes):
+    logp_BxN = logp_BxN + coef_PxBxN[p] * lp_BxPxN[:, p]
+  entropy_BxN = None if ent is None else jax.lax.stop_gradient(ent)
   return logp_BxN, entropy_BxN
