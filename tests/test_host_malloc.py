@@ -11,10 +11,22 @@ import pytest
 from tests.conftest import REPO
 
 PROBE = """
-import json, resource
+import ctypes, json, resource
 from dcjax import host_malloc
 tuned = host_malloc.tune()
 assert host_malloc.tune() == tuned  # applied once, the answer cached
+# Where a fresh 16 MiB block comes from: glibc's default mmap threshold (128 KiB until a
+# mapped block is freed) maps it; the tuned one (32 MiB) takes it from the heap.
+libc = ctypes.CDLL(None)
+class Info(ctypes.Structure):
+  _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks",
+              "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+before = libc.mallinfo2().hblkhd
+block = libc.malloc(16 << 20)
+mapped = libc.mallinfo2().hblkhd - before
+libc.free(ctypes.c_void_p(block))
 import jax, jax.numpy as jnp
 x, w = jnp.ones((2048, 256)), jnp.full((256, 2048), 1e-3)
 f = jax.jit(lambda x, w: jnp.sum(jnp.tanh(x @ w) * (x @ (2 * w))))  # 16 MiB temporaries
@@ -24,7 +36,7 @@ start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):
   f(x, w).block_until_ready()
 faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / 10
-print(json.dumps({"tuned": tuned, "faults": faults}))
+print(json.dumps({"tuned": tuned, "mapped": mapped, "faults": faults}))
 """
 
 
@@ -39,10 +51,14 @@ def _probe(setting: str | None) -> dict:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
-def test_tuned_malloc_stops_per_call_page_faults():
+def test_tuned_malloc_keeps_big_blocks_on_the_heap_and_stops_page_faults():
+  """Tuned, a 16 MiB block comes from the heap (glibc's defaults map it) and a jitted
+  program's 16 MiB temporaries stop faulting their pages in at every call. With the
+  defaults the faults depend on which thread's arena serves a buffer (1,350 per call in one
+  run, under 1 in another), so only the tuned side's count is asserted."""
   default, tuned = _probe("0"), _probe(None)
   assert default["tuned"] is False and tuned["tuned"] is True
-  # glibc's defaults give the 16 MiB temporaries back and fault them in again (about 1,350
-  # faults per call here); tuned, they stay mapped.
-  assert default["faults"] > 500, default
-  assert tuned["faults"] < 0.1 * default["faults"], (tuned, default)
+  assert default["mapped"] >= 16 << 20, default
+  assert tuned["mapped"] == 0, tuned
+  # One 16 MiB temporary is 4,096 pages; tuned, a call faults 0-110 (Python's own objects).
+  assert tuned["faults"] < 1000, (tuned, default)
