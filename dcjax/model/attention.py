@@ -82,16 +82,26 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxWxD, cos_BxWxDh, sin_BxWxDh, mask_BxWxS, cache: KVCache | None = None,
-               cache_start=0):
+               cache_start=0, query_rows: tuple[int, int] | None = None):
+    """`query_rows=(start, length)` (static): only those of the W rows query (keys and values
+    still come from all W); the output is [B, length, D]."""
     c = self.config
 
     def proj(heads, axes, name):
       return Dense(c, (heads, c.head_dim), ("embed",) + axes, bias_axes=axes, name=name)
 
-    q = proj(c.num_heads, ("heads", "head_dim"), "q_proj")(x_BxWxD)
+    x_q, cos_q, sin_q, mask_q = x_BxWxD, cos_BxWxDh, sin_BxWxDh, mask_BxWxS
+    if query_rows is not None:
+      rows = slice(query_rows[0], query_rows[0] + query_rows[1])
+      x_q, cos_q, sin_q = x_BxWxD[:, rows], cos_BxWxDh[:, rows], sin_BxWxDh[:, rows]
+      if isinstance(mask_BxWxS, masks.Segments):
+        mask_q = masks.Segments(mask_BxWxS.q[:, rows], mask_BxWxS.kv)
+      elif mask_BxWxS is not None:
+        mask_q = mask_BxWxS[:, rows]
+    q = proj(c.num_heads, ("heads", "head_dim"), "q_proj")(x_q)
     k = proj(c.num_kv_heads, ("kv_heads", "head_dim"), "k_proj")(x_BxWxD)
     v = proj(c.num_kv_heads, ("kv_heads", "head_dim"), "v_proj")(x_BxWxD)
-    q_BxWxHxDh = nn.with_logical_constraint(apply_rope(q, cos_BxWxDh, sin_BxWxDh), ACT_Q)
+    q_BxWxHxDh = nn.with_logical_constraint(apply_rope(q, cos_q, sin_q), ACT_Q)
     k_BxWxKxDh = nn.with_logical_constraint(apply_rope(k, cos_BxWxDh, sin_BxWxDh), ACT_KV)
     v_BxWxKxDh = nn.with_logical_constraint(v, ACT_KV)
     if cache is None:
@@ -100,6 +110,6 @@ class Attention(nn.Module):
       cache = KVCache(*(jax.lax.dynamic_update_slice_in_dim(
           old, new.astype(old.dtype), cache_start, axis=1)
                         for old, new in zip(cache, (k_BxWxKxDh, v_BxWxKxDh))))
-    out_BxWxHxDh = attention_kernel(c, q_BxWxHxDh, cache.k, cache.v, mask_BxWxS)
+    out_BxWxHxDh = attention_kernel(c, q_BxWxHxDh, cache.k, cache.v, mask_q)
     return cache, Dense(c, (c.hidden_size,), ("heads", "head_dim", "embed"), contract=2,
                         name="o_proj")(out_BxWxHxDh)

@@ -17,17 +17,21 @@ ACT_BxLxD = ("activation_batch", "activation_length", "activation_embed")
 
 class DecoderLayer(nn.Module):
   """Pre-norm block: h += attn(norm(h)); h += mlp(norm(h)). Returns (h, this layer's
-  K/V when `collect_kv`, else None)."""
+  K/V when `collect_kv`, else None). With `query_rows=(start, length)` only those rows are
+  computed past the keys and values: h is [B, length, D]."""
 
   config: ModelConfig
   collect_kv: bool = False
 
   @nn.compact
-  def __call__(self, x_BxWxD, cos_BxWxDh, sin_BxWxDh, mask_BxWxS, cache, cache_start):
+  def __call__(self, x_BxWxD, cos_BxWxDh, sin_BxWxDh, mask_BxWxS, cache, cache_start,
+               query_rows=None):
     c = self.config
     h = RMSNorm(c, name="input_layernorm")(x_BxWxD)
     cache, attn_BxWxD = Attention(c, name="self_attn")(h, cos_BxWxDh, sin_BxWxDh, mask_BxWxS,
-                                                       cache, cache_start)
+                                                       cache, cache_start, query_rows)
+    if query_rows is not None:
+      x_BxWxD = x_BxWxD[:, query_rows[0]:query_rows[0] + query_rows[1]]
     x_BxWxD = x_BxWxD + attn_BxWxD
     h = RMSNorm(c, name="post_attention_layernorm")(x_BxWxD)
     x_BxWxD = x_BxWxD + MLP(c, name="mlp")(h)
@@ -45,6 +49,9 @@ class Transformer(nn.Module):
   (static) applies the LM head only to positions [logits_start, logits_start + length) of
   the W: the sampler reads one block, not the whole canvas. With `head=False` the final-norm
   hidden states [B, W, D] come back instead of logits (for `model.head.token_logps`).
+  `last_layer_rows` (static, with a static `logits_start` and the layer loop,
+  `scan_layers=False`): the last layer computes only the rows the head reads past its keys
+  and values (docs/model.md, "Rows the head reads").
   """
 
   config: ModelConfig
@@ -53,8 +60,12 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxW, positions_BxW, mask_BxWxS, cache: KVCache | None = None,
-               cache_start=0, logits_start=0, logits_length: int | None = None):
+               cache_start=0, logits_start=0, logits_length: int | None = None,
+               last_layer_rows: bool = False):
     c = self.config
+    window = None
+    if last_layer_rows and logits_length is not None and not c.scan_layers:
+      window = (int(logits_start), logits_length)
     x_BxWxD = nn.with_logical_constraint(Embed(c, name="embed_tokens")(tokens_BxW), ACT_BxLxD)
     cos_BxWxDh, sin_BxWxDh = rope_cos_sin(positions_BxW, c.head_dim, c.rope_theta)
 
@@ -71,10 +82,10 @@ class Transformer(nn.Module):
     else:
       x_BxWxD, new_cache = unrolled_layers(
           c, self.collect_kv, self.variables["params"]["layers"], x_BxWxD, cos_BxWxDh,
-          sin_BxWxDh, mask_BxWxS, cache, cache_start)
+          sin_BxWxDh, mask_BxWxS, cache, cache_start, window)
 
     x_BxWxD = RMSNorm(c, name="norm")(x_BxWxD)
-    if logits_length is not None:
+    if logits_length is not None and window is None:
       x_BxWxD = jax.lax.dynamic_slice_in_dim(x_BxWxD, logits_start, logits_length, axis=1)
     if not self.head:  # lm_head's parameters are unused (apply ignores them)
       return new_cache, x_BxWxD
@@ -93,22 +104,24 @@ def _unstack(tree, n: int) -> list:
 
 
 def unrolled_layers(config: ModelConfig, collect_kv: bool, stacked_params, x_BxWxD,
-                    cos_BxWxDh, sin_BxWxDh, mask_BxWxS, cache, cache_start):
+                    cos_BxWxDh, sin_BxWxDh, mask_BxWxS, cache, cache_start, last_rows=None):
   """The layer stack as a Python loop over the scanned [NL, ...] parameters
   (`scan_layers=False`): the same layer, the same parameters, no loop carry and no stacked
-  residuals (docs/model.md, "Layers")."""
-  def layer(params, x, layer_cache):
+  residuals (docs/model.md, "Layers"). `last_rows=(start, length)`: the last layer computes
+  only those rows (`DecoderLayer`'s `query_rows`)."""
+  def layer(params, x, layer_cache, rows=None):
     return DecoderLayer(config, collect_kv).apply(
-        {"params": params}, x, cos_BxWxDh, sin_BxWxDh, mask_BxWxS, layer_cache, cache_start)
+        {"params": params}, x, cos_BxWxDh, sin_BxWxDh, mask_BxWxS, layer_cache, cache_start,
+        rows)
 
   if config.remat_policy != "none":
-    layer = jax.checkpoint(layer, prevent_cse=False, policy=getattr(
+    layer = jax.checkpoint(layer, prevent_cse=False, static_argnums=(3,), policy=getattr(
         jax.checkpoint_policies, REMAT_POLICIES[config.remat_policy]))
   n = config.num_layers
   caches = [None] * n if cache is None else _unstack(cache, n)
   kvs = []
-  for params, layer_cache in zip(_unstack(stacked_params, n), caches):
-    x_BxWxD, kv = layer(params, x_BxWxD, layer_cache)
+  for i, (params, layer_cache) in enumerate(zip(_unstack(stacked_params, n), caches)):
+    x_BxWxD, kv = layer(params, x_BxWxD, layer_cache, last_rows if i == n - 1 else None)
     kvs.append(kv)
   new_cache = None if kvs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *kvs)
   return x_BxWxD, new_cache

@@ -113,19 +113,19 @@ def passes(noise: MaskNoise, cfg: EstimatorConfig):
   return masked, coef.astype(jnp.float32)
 
 
-def completion_logps(model_config, params, hidden_BxLxD, tokens_BxL, num_new: int, *,
+def completion_logps(model_config, params, hidden_BxNxD, tokens_BxL, num_new: int, *,
                      with_entropy: bool = False, where_BxN=None):
   """fp32 log p(token) of the last `num_new` positions through the shift (and entropy).
 
   Position i is predicted by the output at i - 1, so the completion block [L-N, L) reads
-  the final-norm hidden states at [L-N-1, L-1); the LM head runs in chunks of
+  the final-norm hidden states of positions [L-N-1, L-1): `hidden_BxNxD` holds those rows
+  (`model.hidden(..., rows=(L-N-1, N))`). The LM head runs in chunks of
   `model_config.logits_chunk` positions (`dcjax.model.head`). With `where_BxN`, only those
-  completion tokens are scored (0 elsewhere). Needs a prompt of at least one token.
+  completion tokens are scored (0 elsewhere).
   """
   l = tokens_BxL.shape[1]
-  stats = head.token_logps(model_config, params, hidden_BxLxD[:, l - num_new - 1:l - 1],
-                           tokens_BxL[:, l - num_new:], with_entropy=with_entropy,
-                           where=where_BxN)
+  stats = head.token_logps(model_config, params, hidden_BxNxD, tokens_BxL[:, l - num_new:],
+                           with_entropy=with_entropy, where=where_BxN)
   return stats["logp"], stats.get("entropy")
 
 
@@ -153,16 +153,19 @@ def per_token_logps(model_config, params, tokens_BxL, noise: MaskNoise, cfg: Est
   attention = None
   if cfg.attention_mask and keep_BxL is not None:
     attention = jnp.repeat(keep_BxL, num_passes, axis=0)
-  hidden_BPxLxD = model_lib.hidden(model_config, params, inputs_BPxL, attention)
-  hidden_BxPxLxD = hidden_BPxLxD.reshape(b, num_passes, l, -1)
+  # Only the rows the head reads come back; with the layer loop the last layer computes
+  # only them (docs/model.md, "Rows the head reads").
+  hidden_BPxNxD = model_lib.hidden(model_config, params, inputs_BPxL, attention,
+                                   rows=(l - n - 1, n))
+  hidden_BxPxNxD = hidden_BPxNxD.reshape(b, num_passes, n, -1)
   # Pass 0 reads every completion token; the masked passes only their masked ones (coef
   # is 0 elsewhere), so for them the LM head skips the rest (docs/attention.md).
-  lp_0, ent = completion_logps(model_config, params, hidden_BxPxLxD[:, 0], tokens_BxL, n,
+  lp_0, ent = completion_logps(model_config, params, hidden_BxPxNxD[:, 0], tokens_BxL, n,
                                with_entropy=with_entropy)
   lp_BxPxN = lp_0[:, None]
   if num_passes > 1:
     lp_rest = completion_logps(
-        model_config, params, hidden_BxPxLxD[:, 1:].reshape(-1, l, hidden_BPxLxD.shape[-1]),
+        model_config, params, hidden_BxPxNxD[:, 1:].reshape(-1, n, hidden_BPxNxD.shape[-1]),
         jnp.repeat(tokens_BxL, num_passes - 1, axis=0), n,
         where_BxN=masked_BxPxN[:, 1:].reshape(-1, n))[0]
     lp_BxPxN = jnp.concatenate([lp_BxPxN, lp_rest.reshape(b, num_passes - 1, n)], axis=1)
