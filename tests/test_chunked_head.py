@@ -126,13 +126,14 @@ def test_scoring_wanted_positions_equals_the_whole_head_and_skips_the_rest(mesh_
   clean = np.where(where[..., None], hidden, 0.0).astype(np.float32)
   nan_hidden = np.where(where[..., None], hidden, np.nan).astype(np.float32)
 
-  def whole(p, h):
+  def whole(p, h):  # the entropy term checks its gradient too
     stats = head.token_logps(CONFIG, p, h, labels, with_entropy=True)
-    return jnp.sum(jnp.where(where, weights * stats["logp"], 0.0)), stats
+    terms = weights * stats["logp"] + 0.3 * stats["entropy"]
+    return jnp.sum(jnp.where(where, terms, 0.0)), stats
 
   def wanted(p, h):
     stats = head.token_logps(config, p, h, labels, with_entropy=True, where=where)
-    return jnp.sum(weights * stats["logp"]), stats
+    return jnp.sum(weights * stats["logp"] + 0.3 * stats["entropy"]), stats
 
   grad = lambda f, h: jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(params, h)
   (ref, ref_stats), ref_grads = grad(whole, clean)

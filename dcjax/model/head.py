@@ -13,6 +13,7 @@ skipped (docs/attention.md, "Scoring only the targets").
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -125,8 +126,9 @@ def _wanted_stats(config: ModelConfig, kernel_DxV, hidden_BxMxD, labels_BxM, whe
   targets"). The B rows form G groups, one per batch shard (`batch_groups`); within each
   group the N = B/G * M positions are sorted wanted-first (a stable sort), and the LM head
   runs over chunks of `logits_chunk` sorted positions, skipping (`lax.cond`) every chunk that
-  starts past the largest group's count of wanted positions. Outputs go back to [B, M] by
-  the inverse permutation. Unwanted positions inside a computed chunk are computed, then
+  starts past the largest group's count of wanted positions (`_active_chunks`, whose
+  backward loops over the active chunks only). Outputs go back to [B, M] by the inverse
+  permutation. Unwanted positions inside a computed chunk are computed, then
   zeroed."""
   b, m, d = hidden_BxMxD.shape
   g = batch_groups(b)
@@ -140,16 +142,9 @@ def _wanted_stats(config: ModelConfig, kernel_DxV, hidden_BxMxD, labels_BxM, whe
   labels_GxN = _gather(labels_BxM.reshape(g, n), order_GxN)
   hidden_KxGxCxD = jnp.moveaxis(hidden_GxNxD.reshape(g, n // c, c, d), 1, 0)
   labels_KxGxC = jnp.moveaxis(labels_GxN.reshape(g, n // c, c), 1, 0)
-  active_K = jnp.arange(n // c, dtype=jnp.int32) * c < wanted
-
-  def chunk(h_GxCxD, y_GxC, active):
-    stats = lambda: _chunk_stats(config, h_GxCxD, kernel_DxV, y_GxC, with_entropy)
-    skipped = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                   jax.eval_shape(stats))
-    return jax.lax.cond(active, stats, skipped)
-
-  body = jax.checkpoint(chunk, policy=jax.checkpoint_policies.nothing_saveable)
-  stats = jax.lax.map(lambda xs: body(*xs), (hidden_KxGxCxD, labels_KxGxC, active_K))
+  num_active = (wanted + c - 1) // c          # chunks holding a wanted position
+  stats = _active_chunks(config, with_entropy, kernel_DxV, hidden_KxGxCxD, labels_KxGxC,
+                         num_active)
   out = {}
   for key, v_KxGxC in stats.items():
     v_GxN = jnp.moveaxis(v_KxGxC, 0, 1).reshape(g, n)
@@ -159,3 +154,71 @@ def _wanted_stats(config: ModelConfig, kernel_DxV, hidden_BxMxD, labels_BxM, whe
       v_GxN = _gather(v_GxN, inverse_GxN)
     out[key] = jnp.where(where_BxM, v_GxN.reshape(b, m), jnp.zeros((), v_GxN.dtype))
   return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _active_chunks(config: ModelConfig, with_entropy: bool, kernel_DxV, hidden_KxGxCxD,
+                   labels_KxGxC, num_active):
+  """`_chunk_stats` of the first `num_active` of K chunks ([K, G, C] each), zeros for the
+  rest. The backward recomputes each active chunk's logits and loops over the active chunks
+  only, adding their kernel gradients into one [D, V] sum: a skipped chunk costs nothing in
+  either direction (docs/attention.md, "Scoring only the targets")."""
+  def chunk(xs):
+    h_GxCxD, y_GxC, index = xs
+    stats = lambda: _chunk_stats(config, h_GxCxD, kernel_DxV, y_GxC, with_entropy)
+    skipped = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                   jax.eval_shape(stats))
+    return jax.lax.cond(index < num_active, stats, skipped)
+
+  k = hidden_KxGxCxD.shape[0]
+  return jax.lax.map(chunk, (hidden_KxGxCxD, labels_KxGxC, jnp.arange(k, dtype=jnp.int32)))
+
+
+def _active_chunks_fwd(config, with_entropy, kernel_DxV, hidden_KxGxCxD, labels_KxGxC,
+                       num_active):
+  stats = _active_chunks(config, with_entropy, kernel_DxV, hidden_KxGxCxD, labels_KxGxC,
+                         num_active)
+  return stats, (kernel_DxV, hidden_KxGxCxD, labels_KxGxC, num_active)
+
+
+def _active_chunks_bwd(config, with_entropy, residuals, cotangents):
+  """d logp / d logits = onehot - p; d entropy / d logits = p (E_p[logits] - logits). The
+  matmuls' transposes are autodiff's: the logits' cotangent is cast to the compute dtype,
+  and each chunk's kernel gradient is cast to the kernel's dtype before the sum."""
+  kernel_DxV, hidden_KxGxCxD, labels_KxGxC, num_active = residuals
+  dtype = jnp.dtype(config.dtype)
+  kernel = kernel_DxV.astype(dtype)
+  g_logp_KxGxC = cotangents["logp"]
+  g_ent_KxGxC = cotangents.get("entropy") if with_entropy else None
+  _, g, c, d = hidden_KxGxCxD.shape
+  v = kernel_DxV.shape[1]
+
+  def body(i, carry):
+    d_hidden, d_kernel = carry
+    h_GxCxD = jax.lax.dynamic_index_in_dim(hidden_KxGxCxD, i, keepdims=False).astype(dtype)
+    y_GxC = jax.lax.dynamic_index_in_dim(labels_KxGxC, i, keepdims=False)
+    logits = matmul(h_GxCxD, kernel, 1)
+    logits = nn.with_logical_constraint(logits, ACT_LOGITS).astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    onehot = jax.lax.broadcasted_iota(y_GxC.dtype, logits.shape, 2) == y_GxC[..., None]
+    g_logp = jax.lax.dynamic_index_in_dim(g_logp_KxGxC, i, keepdims=False)
+    d_logits = g_logp[..., None] * (onehot.astype(jnp.float32) - probs)
+    if g_ent_KxGxC is not None:
+      g_ent = jax.lax.dynamic_index_in_dim(g_ent_KxGxC, i, keepdims=False)
+      mean = jnp.sum(probs * logits, axis=-1, keepdims=True)
+      d_logits = d_logits + g_ent[..., None] * probs * (mean - logits)
+    d_logits = nn.with_logical_constraint(d_logits.astype(dtype), ACT_LOGITS)
+    d_logits_NxV = d_logits.reshape(g * c, v)
+    d_h = jax.lax.dot_general(d_logits_NxV, kernel, (((1,), (1,)), ((), ())))
+    d_w = jax.lax.dot_general(h_GxCxD.reshape(g * c, d), d_logits_NxV,
+                              (((0,), (0,)), ((), ())))
+    d_hidden = jax.lax.dynamic_update_index_in_dim(
+        d_hidden, d_h.reshape(g, c, d).astype(d_hidden.dtype), i, 0)
+    return d_hidden, d_kernel + d_w.astype(d_kernel.dtype)
+
+  d_hidden, d_kernel = jax.lax.fori_loop(
+      0, num_active, body, (jnp.zeros_like(hidden_KxGxCxD), jnp.zeros_like(kernel_DxV)))
+  return d_kernel, d_hidden, None, None
+
+
+_active_chunks.defvjp(_active_chunks_fwd, _active_chunks_bwd)
