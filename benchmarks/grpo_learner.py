@@ -147,7 +147,8 @@ def main(argv=None):
   parser.add_argument("--group", default="16,4", help="completions per batch, per model")
   parser.add_argument("--prompt", type=int, default=64)
   parser.add_argument("--completion", type=int, default=64)
-  parser.add_argument("--steps", type=int, default=2, help="timed calls per block (2 rounds)")
+  parser.add_argument("--steps", type=int, default=0,
+                      help="timed calls per block (2 rounds); 0: about 1.5 s of calls, 2-25")
   parser.add_argument("--no_torch", action="store_true")
   args = parser.parse_args(argv)
   names = args.models.split(",")

@@ -61,18 +61,25 @@ def model_config(name: str, dtype: str, remat: str) -> ModelConfig:
   return ModelConfig.from_dict(fields)
 
 
-def timed(runners: dict, steps: int, rounds: int = 2) -> dict:
+def timed(runners: dict, steps: int, rounds: int = 2, block_seconds: float = 1.5) -> dict:
   """Median seconds per call of each runner (each call blocks), after one warm-up call each.
 
   Runners go in blocks of `steps` calls, alternating for `rounds` rounds, so a busy shared
   machine slows them alike while each library's thread pool runs undisturbed in its block.
+  `steps=0` sizes each runner's block from a timed call: about `block_seconds` of calls,
+  2 to 25 of them (a median of 4 calls of a 70 ms step wandered by 25 %).
   """
-  for run in runners.values():
+  blocks = {}
+  for name, run in runners.items():
     run()
+    start = time.perf_counter()
+    run()
+    once = time.perf_counter() - start
+    blocks[name] = steps or max(2, min(25, math.ceil(block_seconds / once)))
   times = {name: [] for name in runners}
   for _ in range(rounds):
     for name, run in runners.items():
-      for _ in range(steps):
+      for _ in range(blocks[name]):
         start = time.perf_counter()
         run()
         times[name].append(time.perf_counter() - start)
@@ -231,7 +238,8 @@ def main(argv=None):
   parser.add_argument("--models", default="tiny,small")
   parser.add_argument("--batch", default="16,4", help="per model, comma-separated")
   parser.add_argument("--seq_len", default="128,128", help="per model, comma-separated")
-  parser.add_argument("--steps", type=int, default=2, help="timed steps per block (2 rounds)")
+  parser.add_argument("--steps", type=int, default=0,
+                      help="timed steps per block (2 rounds); 0: about 1.5 s of steps, 2-25")
   parser.add_argument("--dtype", default="float32")
   parser.add_argument("--remat", default="none")
   parser.add_argument("--no_torch", action="store_true")

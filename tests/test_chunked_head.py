@@ -4,6 +4,7 @@ the diffusion loss and the GRPO log-prob passes, values and gradients, in float3
 import dataclasses
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -112,28 +113,37 @@ def _wanted_case(b, m, per_row, seed=0):
   return hidden, labels, where, weights
 
 
-@pytest.mark.parametrize("mesh_axes", [None, {"data": 2, "fsdp": 2, "tensor": 2}])
-def test_scoring_wanted_positions_equals_the_whole_head_and_skips_the_rest(mesh_axes):
+@pytest.mark.parametrize("mesh_axes,remat,entropy_weight", [
+    (None, "none", 0.3), ({"data": 2, "fsdp": 2, "tensor": 2}, "full", 0.3),
+    (None, "full", None), (None, "none", None)])
+def test_scoring_wanted_positions_equals_the_whole_head_and_skips_the_rest(
+    mesh_axes, remat, entropy_weight):
   """`token_logps(where=...)` gives the whole head's log-probs, hits and entropies at the
   wanted positions and 0 / False elsewhere, with the same gradients; chunks holding no wanted
   position are skipped: the unwanted hidden states are NaN and nothing turns NaN (a computed
   chunk's NaN rows would poison the kernel's gradient). Under a mesh the positions sort
-  within each of the 4 batch shards."""
+  within each of the 4 batch shards. The backward recomputes the logits (remat "full") or
+  reads the forward's ("none"); the entropy is in the loss (its gradient is checked) or a
+  metric only (`entropy_weight` None: its symbolic-zero cotangent is skipped)."""
   b, m, per_row = 4, 24, 8   # chunks of 8 sorted positions: whole chunks wanted or unwanted
-  config = dataclasses.replace(CONFIG, logits_chunk=8)
+  config = dataclasses.replace(CONFIG, logits_chunk=8, remat_policy=remat)
+  ew = 0.0 if entropy_weight is None else entropy_weight
   params = model_lib.init_params(CONFIG, jax.random.key(0))
   hidden, labels, where, weights = _wanted_case(b, m, per_row)
   clean = np.where(where[..., None], hidden, 0.0).astype(np.float32)
   nan_hidden = np.where(where[..., None], hidden, np.nan).astype(np.float32)
 
-  def whole(p, h):  # the entropy term checks its gradient too
+  def whole(p, h):
     stats = head.token_logps(CONFIG, p, h, labels, with_entropy=True)
-    terms = weights * stats["logp"] + 0.3 * stats["entropy"]
+    terms = weights * stats["logp"] + ew * stats["entropy"]
     return jnp.sum(jnp.where(where, terms, 0.0)), stats
 
   def wanted(p, h):
     stats = head.token_logps(config, p, h, labels, with_entropy=True, where=where)
-    return jnp.sum(weights * stats["logp"] + 0.3 * stats["entropy"]), stats
+    terms = weights * stats["logp"]
+    if entropy_weight is not None:
+      terms = terms + entropy_weight * stats["entropy"]
+    return jnp.sum(terms), stats
 
   grad = lambda f, h: jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(params, h)
   (ref, ref_stats), ref_grads = grad(whole, clean)
@@ -155,6 +165,32 @@ def test_scoring_wanted_positions_equals_the_whole_head_and_skips_the_rest(mesh_
   np.testing.assert_allclose(grads[1], np.where(where[..., None], ref_grads[1], 0.0),
                              rtol=1e-5, atol=1e-6)
   assert np.abs(np.asarray(grads[1])).max() > 0
+
+
+def _count_dots(jaxpr) -> int:
+  """dot_general equations in a jaxpr and every jaxpr nested in it (loop bodies, branches)."""
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += eqn.primitive.name == "dot_general"
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      n += _count_dots(sub)
+  return n
+
+
+def test_without_remat_the_backward_reads_the_forwards_logits():
+  """remat_policy "none": the head's backward runs the gradient's two matmuls per chunk, not
+  a third that recomputes the logits ("full": forward 1 + backward 3 dots in the traced
+  program; "none": 1 + 2)."""
+  hidden, labels, where, weights = _wanted_case(4, 24, 8)
+  params = model_lib.init_params(CONFIG, jax.random.key(0))
+
+  def dots(remat):
+    config = dataclasses.replace(CONFIG, logits_chunk=8, remat_policy=remat)
+    f = lambda p, h: jnp.sum(weights * head.token_logps(config, p, h, labels, where=where)[
+        "logp"])
+    return _count_dots(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(params, hidden).jaxpr)
+
+  assert (dots("none"), dots("full")) == (3, 4)
 
 
 def test_scoring_no_wanted_position_is_all_zeros():
