@@ -102,7 +102,8 @@ def dcjax_phases(mc: ModelConfig, batch: int, seq_len: int) -> dict:
   def loss_fn(p, key):
     prepared = losses.prepare(batch_, fp.draw_noise(key, batch, seq_len, lcfg.noise),
                               mc.mask_token_id, lcfg)
-    hidden = model_lib.hidden(mc, p, prepared["noisy"], None, None)
+    hidden = model_lib.hidden(mc, p, prepared["noisy"], None, None,
+                              wanted=losses.scored_positions(prepared))
     sums = losses.hidden_loss_sums(mc, p, hidden, prepared)
     return sums["loss_sum"] / losses.normaliser(prepared, lcfg)
 

@@ -23,12 +23,15 @@ def fake_apply_factory(calls):
   w1 = jax.random.normal(jax.random.key(1), (V, V))
   w2 = jax.random.normal(jax.random.key(2), (V, V))
 
-  def fake_apply(config, params, tokens_BxL, attention_mask=None, positions=None, rows=None):
+  def fake_apply(config, params, tokens_BxL, attention_mask=None, positions=None, rows=None,
+                 wanted=None):
     del config, positions
     calls.append((np.asarray(tokens_BxL), attention_mask))
     x = params["scale"] * w1[tokens_BxL]
     out = x + jnp.cumsum(w2[tokens_BxL], axis=1) / 4.0
-    return out if rows is None else out[:, rows[0]:rows[0] + rows[1]]  # model.hidden's rows
+    out = out if rows is None else out[:, rows[0]:rows[0] + rows[1]]  # model.hidden's rows
+    # and its zeros where not wanted: a scored position left out turns its log-prob wrong
+    return out if wanted is None else jnp.where(wanted[..., None], out, 0.0)
 
   return fake_apply
 

@@ -110,6 +110,12 @@ def loss_sums(logits_BxLxV, prepared: dict) -> dict:
   return _sums(ce_BxM, jnp.argmax(logits_BxMxV, axis=-1) == labels_BxM, prepared)
 
 
+def scored_positions(prepared: dict):
+  """[B, L] bool: the positions the loss reads, position i where token i + 1 is a target
+  (the logit shift); the last position never. Pass it to `model.hidden(..., wanted=)`."""
+  return jnp.pad(prepared["target"][:, 1:], ((0, 0), (0, 1)))
+
+
 def hidden_loss_sums(model_config, params, hidden_BxLxD, prepared: dict) -> dict:
   """`loss_sums` from the final-norm hidden states, the LM head applied in chunks of
   `model_config.logits_chunk` positions (`dcjax.model.head`): the same sums without
@@ -117,7 +123,7 @@ def hidden_loss_sums(model_config, params, hidden_BxLxD, prepared: dict) -> dict
   token is a target (the head skips the rest: docs/attention.md, "Scoring only the
   targets"); the last position is never scored."""
   labels_BxL = jnp.roll(prepared["tokens"], -1, axis=1)
-  scored_BxL = jnp.pad(prepared["target"][:, 1:], ((0, 0), (0, 1)))
+  scored_BxL = scored_positions(prepared)
   stats = head.token_logps(model_config, params, hidden_BxLxD, labels_BxL, where=scored_BxL)
   return _sums(-stats["logp"][:, :-1], stats["hit"][:, :-1], prepared)
 

@@ -40,25 +40,31 @@ def apply(config, params, tokens_BxL, attention_mask=None, positions=None, *,
 
 
 def hidden(config, params, tokens_BxL, attention_mask=None, positions=None, *,
-           rows: tuple[int, int] | None = None, rules=LOGICAL_AXIS_RULES):
+           rows: tuple[int, int] | None = None, wanted=None, rules=LOGICAL_AXIS_RULES):
   """As `apply`, but returns the final-norm hidden states [B, L, D] instead of logits: the
   losses feed them to `head.token_logps`, which applies the LM head in chunks.
 
   `rows=(start, length)`: only those positions' states come back, [B, length, D]; with the
   layer loop (`scan_layers=False`) the last layer computes only them past its keys and
-  values (docs/model.md, "Rows the head reads")."""
+  values (docs/model.md, "Rows the head reads").
+
+  `wanted` ([B, L] boolean, or [B, length] with `rows`): the positions whose states the
+  caller reads; the others come back as zeros, and with the layer loop the last layer's
+  residual, norm and MLP run on the wanted positions only (`dcjax.model.wanted`)."""
   return _apply(as_model_config(config), params, tokens_BxL, attention_mask, positions,
-                rules=tuple(rules), head=False, rows=rows)
+                rules=tuple(rules), head=False, rows=rows, wanted=wanted)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "rules", "head", "rows"))
-def _apply(config, params, tokens_BxL, attention_mask, positions, *, rules, head, rows=None):
+def _apply(config, params, tokens_BxL, attention_mask, positions, *, rules, head, rows=None,
+           wanted=None):
   # Jitted so eager callers get one compiled program; inside a caller's jit it is inlined.
   mask, positions_BxL = mask_and_positions(tokens_BxL, attention_mask, positions)
   start, length = (0, None) if rows is None else rows
   with nn.logical_axis_rules(rules):
     return Transformer(config, head=head).apply({"params": params}, tokens_BxL, positions_BxL,
-                                                mask, None, 0, start, length, True)[1]
+                                                mask, None, 0, start, length, True,
+                                                wanted)[1]
 
 
 def forward(config: ModelConfig, params, tokens_BxW, positions_BxW, mask_BxWxS, *,

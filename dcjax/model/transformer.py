@@ -11,6 +11,7 @@ from dcjax.model.attention import Attention, KVCache
 from dcjax.model.config import REMAT_POLICIES, ModelConfig
 from dcjax.model.layers import MLP, Dense, Embed, RMSNorm
 from dcjax.model.rope import rope_cos_sin
+from dcjax.model.wanted import tail_on_wanted
 
 ACT_BxLxD = ("activation_batch", "activation_length", "activation_embed")
 
@@ -18,20 +19,28 @@ ACT_BxLxD = ("activation_batch", "activation_length", "activation_embed")
 class DecoderLayer(nn.Module):
   """Pre-norm block: h += attn(norm(h)); h += mlp(norm(h)). Returns (h, this layer's
   K/V when `collect_kv`, else None). With `query_rows=(start, length)` only those rows are
-  computed past the keys and values: h is [B, length, D]."""
+  computed past the keys and values: h is [B, length, D]. With `wanted_BxW` (boolean, over
+  the W rows, or the `query_rows` when given) the tail after attention (residual,
+  post-attention norm, MLP) runs on the wanted rows only, and the others come back as zeros
+  (`dcjax.model.wanted`)."""
 
   config: ModelConfig
   collect_kv: bool = False
 
   @nn.compact
   def __call__(self, x_BxWxD, cos_BxWxDh, sin_BxWxDh, mask_BxWxS, cache, cache_start,
-               query_rows=None):
+               query_rows=None, wanted_BxW=None):
     c = self.config
     h = RMSNorm(c, name="input_layernorm")(x_BxWxD)
     cache, attn_BxWxD = Attention(c, name="self_attn")(h, cos_BxWxDh, sin_BxWxDh, mask_BxWxS,
                                                        cache, cache_start, query_rows)
     if query_rows is not None:
       x_BxWxD = x_BxWxD[:, query_rows[0]:query_rows[0] + query_rows[1]]
+    if wanted_BxW is not None and not self.is_initializing():
+      params = self.variables["params"]
+      tail_params = {k: params[k] for k in ("post_attention_layernorm", "mlp")}
+      x_BxWxD = tail_on_wanted(c, tail_params, x_BxWxD, attn_BxWxD, wanted_BxW)
+      return nn.with_logical_constraint(x_BxWxD, ACT_BxLxD), cache if self.collect_kv else None
     x_BxWxD = x_BxWxD + attn_BxWxD
     h = RMSNorm(c, name="post_attention_layernorm")(x_BxWxD)
     x_BxWxD = x_BxWxD + MLP(c, name="mlp")(h)
@@ -51,7 +60,9 @@ class Transformer(nn.Module):
   hidden states [B, W, D] come back instead of logits (for `model.head.token_logps`).
   `last_layer_rows` (static, with a static `logits_start` and the layer loop,
   `scan_layers=False`): the last layer computes only the rows the head reads past its keys
-  and values (docs/model.md, "Rows the head reads").
+  and values (docs/model.md, "Rows the head reads"). `wanted` ([B, W] boolean, or
+  [B, logits_length] with a window; with `head=False`): the states of the other positions
+  come back as zeros, and with the layer loop the last layer's tail skips them.
   """
 
   config: ModelConfig
@@ -61,11 +72,13 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens_BxW, positions_BxW, mask_BxWxS, cache: KVCache | None = None,
                cache_start=0, logits_start=0, logits_length: int | None = None,
-               last_layer_rows: bool = False):
+               last_layer_rows: bool = False, wanted=None):
     c = self.config
     window = None
     if last_layer_rows and logits_length is not None and not c.scan_layers:
       window = (int(logits_start), logits_length)
+    if wanted is not None and self.head:
+      raise ValueError("`wanted` selects hidden states: it needs head=False")
     x_BxWxD = nn.with_logical_constraint(Embed(c, name="embed_tokens")(tokens_BxW), ACT_BxLxD)
     cos_BxWxDh, sin_BxWxDh = rope_cos_sin(positions_BxW, c.head_dim, c.rope_theta)
 
@@ -82,12 +95,14 @@ class Transformer(nn.Module):
     else:
       x_BxWxD, new_cache = unrolled_layers(
           c, self.collect_kv, self.variables["params"]["layers"], x_BxWxD, cos_BxWxDh,
-          sin_BxWxDh, mask_BxWxS, cache, cache_start, window)
+          sin_BxWxDh, mask_BxWxS, cache, cache_start, window, wanted)
 
     x_BxWxD = RMSNorm(c, name="norm")(x_BxWxD)
     if logits_length is not None and window is None:
       x_BxWxD = jax.lax.dynamic_slice_in_dim(x_BxWxD, logits_start, logits_length, axis=1)
     if not self.head:  # lm_head's parameters are unused (apply ignores them)
+      if wanted is not None:  # zeros elsewhere, whichever path computed the states
+        x_BxWxD = jnp.where(wanted[..., None], x_BxWxD, jnp.zeros((), x_BxWxD.dtype))
       return new_cache, x_BxWxD
     logits_BxWxV = Dense(c, (c.vocab_size,), ("embed", "vocab"), name="lm_head")(x_BxWxD)
     return new_cache, nn.with_logical_constraint(
@@ -104,15 +119,17 @@ def _unstack(tree, n: int) -> list:
 
 
 def unrolled_layers(config: ModelConfig, collect_kv: bool, stacked_params, x_BxWxD,
-                    cos_BxWxDh, sin_BxWxDh, mask_BxWxS, cache, cache_start, last_rows=None):
+                    cos_BxWxDh, sin_BxWxDh, mask_BxWxS, cache, cache_start, last_rows=None,
+                    last_wanted=None):
   """The layer stack as a Python loop over the scanned [NL, ...] parameters
   (`scan_layers=False`): the same layer, the same parameters, no loop carry and no stacked
   residuals (docs/model.md, "Layers"). `last_rows=(start, length)`: the last layer computes
-  only those rows (`DecoderLayer`'s `query_rows`)."""
-  def layer(params, x, layer_cache, rows=None):
+  only those rows (`DecoderLayer`'s `query_rows`); `last_wanted`: its tail only the wanted
+  rows (`DecoderLayer`'s `wanted_BxW`)."""
+  def layer(params, x, layer_cache, rows=None, wanted=None):
     return DecoderLayer(config, collect_kv).apply(
         {"params": params}, x, cos_BxWxDh, sin_BxWxDh, mask_BxWxS, layer_cache, cache_start,
-        rows)
+        rows, wanted)
 
   if config.remat_policy != "none":
     layer = jax.checkpoint(layer, prevent_cse=False, static_argnums=(3,), policy=getattr(
@@ -121,7 +138,9 @@ def unrolled_layers(config: ModelConfig, collect_kv: bool, stacked_params, x_BxW
   caches = [None] * n if cache is None else _unstack(cache, n)
   kvs = []
   for i, (params, layer_cache) in enumerate(zip(_unstack(stacked_params, n), caches)):
-    x_BxWxD, kv = layer(params, x_BxWxD, layer_cache, last_rows if i == n - 1 else None)
+    last = i == n - 1
+    x_BxWxD, kv = layer(params, x_BxWxD, layer_cache, last_rows if last else None,
+                        last_wanted if last else None)
     kvs.append(kv)
   new_cache = None if kvs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *kvs)
   return x_BxWxD, new_cache

@@ -154,9 +154,10 @@ def per_token_logps(model_config, params, tokens_BxL, noise: MaskNoise, cfg: Est
   if cfg.attention_mask and keep_BxL is not None:
     attention = jnp.repeat(keep_BxL, num_passes, axis=0)
   # Only the rows the head reads come back; with the layer loop the last layer computes
-  # only them (docs/model.md, "Rows the head reads").
+  # only them, its MLP only those the passes score: pass 0 all, the others their masked
+  # tokens (docs/model.md, "Rows the head reads").
   hidden_BPxNxD = model_lib.hidden(model_config, params, inputs_BPxL, attention,
-                                   rows=(l - n - 1, n))
+                                   rows=(l - n - 1, n), wanted=masked_BxPxN.reshape(-1, n))
   hidden_BxPxNxD = hidden_BPxNxD.reshape(b, num_passes, n, -1)
   # Pass 0 reads every completion token; the masked passes only their masked ones (coef
   # is 0 elsewhere), so for them the LM head skips the rest (docs/attention.md).

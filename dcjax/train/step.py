@@ -48,7 +48,8 @@ def make_train_step(model_config, loss_config: losses.LossConfig,
 
     def loss_fn(params, micro):
       mask, positions = losses.model_inputs(micro, anneal_LxL, loss_config)
-      hidden = model_lib.hidden(model_config, params, micro["noisy"], mask, positions)
+      hidden = model_lib.hidden(model_config, params, micro["noisy"], mask, positions,
+                                wanted=losses.scored_positions(micro))
       sums = losses.hidden_loss_sums(model_config, params, hidden, micro)
       return sums["loss_sum"] / denominator, sums
 
@@ -89,7 +90,8 @@ def make_eval_step(model_config, loss_config: losses.LossConfig, mask_id: int | 
     noise = fp.draw_noise(key, b, l, cfg.noise)
     prepared = losses.prepare(batch, noise, mask_id, cfg)
     mask, positions = losses.model_inputs(prepared, None, cfg)
-    hidden = model_lib.hidden(model_config, params, prepared["noisy"], mask, positions)
+    hidden = model_lib.hidden(model_config, params, prepared["noisy"], mask, positions,
+                              wanted=losses.scored_positions(prepared))
     return losses.hidden_loss_sums(model_config, params, hidden, prepared)
 
   return eval_step
