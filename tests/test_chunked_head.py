@@ -115,17 +115,21 @@ def _wanted_case(b, m, per_row, seed=0):
 
 @pytest.mark.parametrize("mesh_axes,remat,entropy_weight", [
     (None, "none", 0.3), ({"data": 2, "fsdp": 2, "tensor": 2}, "full", 0.3),
-    (None, "full", None), (None, "none", None)])
+    ({"data": 2, "fsdp": 2, "tensor": 2}, "none", 0.3), (None, "full", None),
+    (None, "none", None)])
 def test_scoring_wanted_positions_equals_the_whole_head_and_skips_the_rest(
     mesh_axes, remat, entropy_weight):
   """`token_logps(where=...)` gives the whole head's log-probs, hits and entropies at the
   wanted positions and 0 / False elsewhere, with the same gradients; chunks holding no wanted
   position are skipped: the unwanted hidden states are NaN and nothing turns NaN (a computed
   chunk's NaN rows would poison the kernel's gradient). Under a mesh the positions sort
-  within each of the 4 batch shards. The backward recomputes the logits (remat "full") or
-  reads the forward's ("none"); the entropy is in the loss (its gradient is checked) or a
+  within each of the 4 batch shards. The head runs in chunks and its backward recomputes the
+  logits (remat "full"), or in one matmul per bucket and reads the forward's ("none",
+  `head._bucketed_stats`); the entropy is in the loss (its gradient is checked) or a
   metric only (`entropy_weight` None: its symbolic-zero cotangent is skipped)."""
-  b, m, per_row = 4, 24, 8   # chunks of 8 sorted positions: whole chunks wanted or unwanted
+  # remat "full": chunks of 8 sorted positions, whole chunks wanted or unwanted; "none":
+  # buckets of 96/8 = 12 rows (24/8 = 3 per batch shard), whole buckets wanted or unwanted
+  b, m, per_row = 4, 24, 8 if remat == "full" else 6
   config = dataclasses.replace(CONFIG, logits_chunk=8, remat_policy=remat)
   ew = 0.0 if entropy_weight is None else entropy_weight
   params = model_lib.init_params(CONFIG, jax.random.key(0))
@@ -167,30 +171,43 @@ def test_scoring_wanted_positions_equals_the_whole_head_and_skips_the_rest(
   assert np.abs(np.asarray(grads[1])).max() > 0
 
 
-def _count_dots(jaxpr) -> int:
-  """dot_general equations in a jaxpr and every jaxpr nested in it (loop bodies, branches)."""
-  n = 0
+def _eqns(jaxpr, name, found):
+  """The equations of primitive `name` in a jaxpr and every jaxpr nested in it."""
   for eqn in jaxpr.eqns:
-    n += eqn.primitive.name == "dot_general"
+    if eqn.primitive.name == name:
+      found.append(eqn)
     for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      n += _count_dots(sub)
-  return n
+      _eqns(sub, name, found)
+  return found
 
 
-def test_without_remat_the_backward_reads_the_forwards_logits():
-  """remat_policy "none": the head's backward runs the gradient's two matmuls per chunk, not
-  a third that recomputes the logits ("full": forward 1 + backward 3 dots in the traced
-  program; "none": 1 + 2)."""
+def _dots(jaxpr) -> int:
+  return len(_eqns(jaxpr, "dot_general", []))
+
+
+def test_the_heads_backward_matmuls_with_and_without_remat():
+  """remat "full": the chunk loop's backward recomputes each chunk's logits (1 forward + 3
+  backward matmuls in the traced program). remat "none": the forward's switch runs one
+  matmul in each non-empty branch and returns only the taken branch's statistics and
+  logits (differentiating a switch would return every branch's residuals), and the
+  backward's branches run the gradient's two matmuls, reading the kept logits."""
   hidden, labels, where, weights = _wanted_case(4, 24, 8)
   params = model_lib.init_params(CONFIG, jax.random.key(0))
 
-  def dots(remat):
+  def jaxpr(remat):
     config = dataclasses.replace(CONFIG, logits_chunk=8, remat_policy=remat)
     f = lambda p, h: jnp.sum(weights * head.token_logps(config, p, h, labels, where=where)[
         "logp"])
-    return _count_dots(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(params, hidden).jaxpr)
+    return jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(params, hidden).jaxpr
 
-  assert (dots("none"), dots("full")) == (3, 4)
+  assert _dots(jaxpr("full")) == 4
+  k = head.buckets(4 * 24)
+  switches = [e for e in _eqns(jaxpr("none"), "cond", []) if len(e.params["branches"]) == k + 1]
+  assert len(switches) == 2
+  forward, backward = switches
+  assert len(forward.outvars) == 3  # logp, hit, logits
+  assert [_dots(b.jaxpr) for b in forward.params["branches"]] == [0] + [1] * k
+  assert [_dots(b.jaxpr) for b in backward.params["branches"]] == [0] + [2] * k
 
 
 def test_scoring_no_wanted_position_is_all_zeros():

@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dcjax import model as model_lib
-from dcjax.model import wanted as wanted_lib
+from dcjax.model import head
 from dcjax.parallel import mesh as mesh_lib
 from tests.trees import assert_trees_close
 
@@ -126,7 +126,7 @@ def test_the_tail_switch_returns_only_the_taken_branch():
   tokens, wanted, _ = _inputs(0.5)
   f = lambda p: jnp.sum(model_lib.hidden(TINY, p, tokens, wanted=wanted) ** 2)
   conds = _conds(jax.make_jaxpr(jax.grad(f))(params).jaxpr, [])
-  k = wanted_lib.buckets(B * L)
+  k = head.buckets(B * L)
   switches = [e for e in conds if len(e.params["branches"]) == k + 1]
   assert len(switches) == 2
   forward, backward = switches

@@ -151,14 +151,19 @@ def _wanted_stats(config: ModelConfig, kernel_DxV, hidden_BxMxD, labels_BxM, whe
   wanted = jnp.max(jnp.sum(where_GxN, axis=1, dtype=jnp.int32))
   hidden_GxNxD = permute(hidden_BxMxD.reshape(g, n, d), order_GxN, inverse_GxN)
   labels_GxN = _gather(labels_BxM.reshape(g, n), order_GxN)
-  hidden_KxGxCxD = jnp.moveaxis(hidden_GxNxD.reshape(g, n // c, c, d), 1, 0)
-  labels_KxGxC = jnp.moveaxis(labels_GxN.reshape(g, n // c, c), 1, 0)
-  num_active = (wanted + c - 1) // c          # chunks holding a wanted position
-  stats = _active_chunks(config, with_entropy, kernel_DxV, hidden_KxGxCxD, labels_KxGxC,
-                         num_active)
+  if _keeps_logits(config):
+    size = n // buckets(n)
+    stats = _bucketed_stats(config, with_entropy, size, kernel_DxV, hidden_GxNxD, labels_GxN,
+                            (wanted + size - 1) // size)
+  else:
+    hidden_KxGxCxD = jnp.moveaxis(hidden_GxNxD.reshape(g, n // c, c, d), 1, 0)
+    labels_KxGxC = jnp.moveaxis(labels_GxN.reshape(g, n // c, c), 1, 0)
+    num_active = (wanted + c - 1) // c          # chunks holding a wanted position
+    stats = _active_chunks(config, with_entropy, kernel_DxV, hidden_KxGxCxD, labels_KxGxC,
+                           num_active)
+    stats = {k: jnp.moveaxis(v, 0, 1).reshape(g, n) for k, v in stats.items()}
   out = {}
-  for key, v_KxGxC in stats.items():
-    v_GxN = jnp.moveaxis(v_KxGxC, 0, 1).reshape(g, n)
+  for key, v_GxN in stats.items():
     if jnp.issubdtype(v_GxN.dtype, jnp.floating):
       v_GxN = permute(v_GxN, inverse_GxN, order_GxN)
     else:  # the hit: no gradient to carry
@@ -171,26 +176,12 @@ def _wanted_stats(config: ModelConfig, kernel_DxV, hidden_BxMxD, labels_BxM, whe
 def _active_chunks(config: ModelConfig, with_entropy: bool, kernel_DxV, hidden_KxGxCxD,
                    labels_KxGxC, num_active):
   """`_chunk_stats` of the first `num_active` of K chunks ([K, G, C] each), zeros for the
-  rest. The backward loops over the active chunks only, adding their kernel gradients into
-  one [D, V] sum: a skipped chunk costs nothing in either direction. It recomputes each
-  chunk's logits, except under `remat_policy="none"`, where the forward keeps them (float32
-  [K, G, C, V]) and the backward's matmuls are the two of the gradient only
-  (docs/attention.md, "Scoring only the targets")."""
-  return _map_active(config, with_entropy, kernel_DxV, hidden_KxGxCxD, labels_KxGxC,
-                     num_active, with_logits=False)
-
-
-def _keeps_logits(config: ModelConfig) -> bool:
-  """Whether the forward keeps the logits for the backward: when nothing is rematerialised."""
-  return config.remat_policy == "none"
-
-
-def _map_active(config, with_entropy, kernel_DxV, hidden_KxGxCxD, labels_KxGxC, num_active,
-                with_logits):
+  rest. The backward recomputes each active chunk's logits and loops over the active chunks
+  only, adding their kernel gradients into one [D, V] sum: a skipped chunk costs nothing in
+  either direction (docs/attention.md, "Scoring only the targets")."""
   def chunk(xs):
     h_GxCxD, y_GxC, index = xs
-    stats = lambda: _chunk_stats(config, h_GxCxD, kernel_DxV, y_GxC, with_entropy,
-                                 with_logits)
+    stats = lambda: _chunk_stats(config, h_GxCxD, kernel_DxV, y_GxC, with_entropy)
     skipped = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                                    jax.eval_shape(stats))
     return jax.lax.cond(index < num_active, stats, skipped)
@@ -199,55 +190,62 @@ def _map_active(config, with_entropy, kernel_DxV, hidden_KxGxCxD, labels_KxGxC, 
   return jax.lax.map(chunk, (hidden_KxGxCxD, labels_KxGxC, jnp.arange(k, dtype=jnp.int32)))
 
 
+def _keeps_logits(config: ModelConfig) -> bool:
+  """Whether the head keeps its logits for the backward (`_bucketed_stats`) rather than
+  recomputing them chunk by chunk (`_active_chunks`): when nothing is rematerialised."""
+  return config.remat_policy == "none"
+
+
+def _live(cotangent):
+  """None for a symbolic-zero cotangent (a statistic the loss does not read: the entropy,
+  a metric), else the cotangent: its term is left out of the backward."""
+  return None if isinstance(cotangent, jax.custom_derivatives.SymbolicZero) else cotangent
+
+
+def _d_logits(logits, labels, g_logp, g_ent, dtype):
+  """d loss / d logits for cotangents g_logp and g_ent (None: zero) of the rows' log p(label)
+  and entropy: g_logp (onehot - p) + g_ent p (E_p[logits] - logits), in the compute dtype."""
+  probs = jax.nn.softmax(logits, axis=-1)
+  d_logits = jnp.zeros_like(logits)
+  if g_logp is not None:
+    onehot = jax.lax.broadcasted_iota(labels.dtype, logits.shape, logits.ndim - 1) == labels[
+        ..., None]
+    d_logits = g_logp[..., None] * (onehot.astype(jnp.float32) - probs)
+  if g_ent is not None:
+    mean = expectation(probs, logits)[..., None]
+    d_logits = d_logits + g_ent[..., None] * probs * (mean - logits)
+  return nn.with_logical_constraint(d_logits.astype(dtype), ACT_LOGITS)
+
+
 def _active_chunks_fwd(config, with_entropy, *primals):
   # symbolic_zeros=True: the primals come wrapped (`jax.custom_derivatives.CustomVJPPrimal`)
   kernel_DxV, hidden_KxGxCxD, labels_KxGxC, num_active = (x.value for x in primals)
-  keep = _keeps_logits(config)
-  stats = _map_active(config, with_entropy, kernel_DxV, hidden_KxGxCxD, labels_KxGxC,
-                      num_active, with_logits=keep)
-  logits = stats.pop("logits") if keep else None
-  return stats, (kernel_DxV, hidden_KxGxCxD, labels_KxGxC, num_active, logits)
+  stats = _active_chunks(config, with_entropy, kernel_DxV, hidden_KxGxCxD, labels_KxGxC,
+                         num_active)
+  return stats, (kernel_DxV, hidden_KxGxCxD, labels_KxGxC, num_active)
 
 
 def _active_chunks_bwd(config, with_entropy, residuals, cotangents):
   """d logp / d logits = onehot - p; d entropy / d logits = p (E_p[logits] - logits). The
   matmuls' transposes are autodiff's: the logits' cotangent is cast to the compute dtype,
   and each chunk's kernel gradient is cast to the kernel's dtype before the sum."""
-  kernel_DxV, hidden_KxGxCxD, labels_KxGxC, num_active, logits_KxGxCxV = residuals
+  kernel_DxV, hidden_KxGxCxD, labels_KxGxC, num_active = residuals
   dtype = jnp.dtype(config.dtype)
   kernel = kernel_DxV.astype(dtype)
-  # a statistic the loss does not use (the entropy, a metric) has a symbolic zero cotangent,
-  # and its term is left out of the backward
-  live = lambda ct: None if isinstance(ct, jax.custom_derivatives.SymbolicZero) else ct
-  g_logp_KxGxC = live(cotangents["logp"])
-  g_ent_KxGxC = live(cotangents.get("entropy")) if with_entropy else None
+  g_logp_KxGxC = _live(cotangents["logp"])
+  g_ent_KxGxC = _live(cotangents.get("entropy")) if with_entropy else None
   _, g, c, d = hidden_KxGxCxD.shape
   v = kernel_DxV.shape[1]
+  at = lambda a, i: None if a is None else jax.lax.dynamic_index_in_dim(a, i, keepdims=False)
 
   def body(i, carry):
     d_hidden, d_kernel = carry
-    h_GxCxD = jax.lax.dynamic_index_in_dim(hidden_KxGxCxD, i, keepdims=False).astype(dtype)
-    y_GxC = jax.lax.dynamic_index_in_dim(labels_KxGxC, i, keepdims=False)
-    if logits_KxGxCxV is None:  # recomputed
-      logits = matmul(h_GxCxD, kernel, 1)
-      logits = nn.with_logical_constraint(logits, ACT_LOGITS).astype(jnp.float32)
-    else:  # kept by the forward
-      logits = jax.lax.dynamic_index_in_dim(logits_KxGxCxV, i, keepdims=False)
-    probs = jax.nn.softmax(logits, axis=-1)
-    onehot = jax.lax.broadcasted_iota(y_GxC.dtype, logits.shape, 2) == y_GxC[..., None]
-    d_logits = jnp.zeros_like(logits)
-    if g_logp_KxGxC is not None:
-      g_logp = jax.lax.dynamic_index_in_dim(g_logp_KxGxC, i, keepdims=False)
-      d_logits = g_logp[..., None] * (onehot.astype(jnp.float32) - probs)
-    if g_ent_KxGxC is not None:
-      g_ent = jax.lax.dynamic_index_in_dim(g_ent_KxGxC, i, keepdims=False)
-      mean = expectation(probs, logits)[..., None]
-      d_logits = d_logits + g_ent[..., None] * probs * (mean - logits)
-    d_logits = nn.with_logical_constraint(d_logits.astype(dtype), ACT_LOGITS)
-    d_logits_NxV = d_logits.reshape(g * c, v)
-    d_h = jax.lax.dot_general(d_logits_NxV, kernel, (((1,), (1,)), ((), ())))
-    d_w = jax.lax.dot_general(h_GxCxD.reshape(g * c, d), d_logits_NxV,
-                              (((0,), (0,)), ((), ())))
+    h_GxCxD = at(hidden_KxGxCxD, i).astype(dtype)
+    logits = matmul(h_GxCxD, kernel, 1)
+    logits = nn.with_logical_constraint(logits, ACT_LOGITS).astype(jnp.float32)
+    d_logits = _d_logits(logits, at(labels_KxGxC, i), at(g_logp_KxGxC, i),
+                         at(g_ent_KxGxC, i), dtype)
+    d_h, d_w = _head_transposes(d_logits.reshape(g * c, v), h_GxCxD.reshape(g * c, d), kernel)
     d_hidden = jax.lax.dynamic_update_index_in_dim(
         d_hidden, d_h.reshape(g, c, d).astype(d_hidden.dtype), i, 0)
     return d_hidden, d_kernel + d_w.astype(d_kernel.dtype)
@@ -257,4 +255,104 @@ def _active_chunks_bwd(config, with_entropy, residuals, cotangents):
   return d_kernel, d_hidden, None, None
 
 
+def _head_transposes(d_logits_RxV, h_RxD, kernel_DxV):
+  """(d hidden [R, D], d kernel [D, V]) of logits = h @ kernel for rows R."""
+  d_h = jax.lax.dot_general(d_logits_RxV, kernel_DxV, (((1,), (1,)), ((), ())))
+  d_w = jax.lax.dot_general(h_RxD, d_logits_RxV, (((0,), (0,)), ((), ())))
+  return d_h, d_w
+
+
 _active_chunks.defvjp(_active_chunks_fwd, _active_chunks_bwd, symbolic_zeros=True)
+
+
+MAX_BUCKETS = 8
+
+
+def buckets(n: int) -> int:
+  """How many static sizes a computation over n sorted rows runs at: the largest divisor of
+  n that is at most `MAX_BUCKETS` (sizes n/K, 2n/K, ..., n)."""
+  return max(k for k in range(1, MAX_BUCKETS + 1) if n % k == 0)
+
+
+def pad_rows(x_GxRx, n: int):
+  """x padded with zero rows (axis 1) to n."""
+  return jnp.pad(x_GxRx, ((0, 0), (0, n - x_GxRx.shape[1])) + ((0, 0),) * (x_GxRx.ndim - 2))
+
+
+def bucket_switch(index, n: int, size: int, make_branch, *operands):
+  """`lax.switch` over the row counts 0, size, ..., n: branch `index` is `make_branch(rows)`
+  for rows = index * size."""
+  return jax.lax.switch(index, [make_branch(j * size) for j in range(n // size + 1)],
+                        *operands)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _bucketed_stats(config: ModelConfig, with_entropy: bool, size: int, kernel_DxV,
+                    hidden_GxNxD, labels_GxN, index):
+  """`_chunk_stats` of the first `index * size` of each group's N sorted rows as one matmul,
+  zeros after them ([G, N] each): the head without remat (docs/attention.md, "Scoring only
+  the targets"). The forward keeps the float32 logits (padded to [G, N, V]); the backward's
+  branch reads them and runs the gradient's two matmuls. A `custom_vjp` for the reason
+  `dcjax.model.wanted` gives: differentiating the switch returns every branch's residuals."""
+  return _bucketed_forward(config, with_entropy, size, kernel_DxV, hidden_GxNxD, labels_GxN,
+                           index)[0]
+
+
+def _bucketed_forward(config, with_entropy, size, kernel_DxV, hidden_GxNxD, labels_GxN,
+                      index):
+  g, n, _ = hidden_GxNxD.shape
+  full = jax.eval_shape(lambda: _chunk_stats(config, hidden_GxNxD, kernel_DxV, labels_GxN,
+                                             with_entropy, True))
+
+  def make_branch(rows):
+    def run(kernel, hidden, labels):
+      if rows == 0:
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), full)
+      stats = _chunk_stats(config, hidden[:, :rows], kernel, labels[:, :rows], with_entropy,
+                           True)
+      return jax.tree.map(lambda v: pad_rows(v, n), stats)
+    return run
+
+  stats = bucket_switch(index, n, size, make_branch, kernel_DxV, hidden_GxNxD, labels_GxN)
+  logits = stats.pop("logits")
+  return stats, logits
+
+
+def _bucketed_stats_fwd(config, with_entropy, size, *primals):
+  kernel_DxV, hidden_GxNxD, labels_GxN, index = (x.value for x in primals)
+  stats, logits = _bucketed_forward(config, with_entropy, size, kernel_DxV, hidden_GxNxD,
+                                    labels_GxN, index)
+  return stats, (kernel_DxV, hidden_GxNxD, labels_GxN, index, logits)
+
+
+def _bucketed_stats_bwd(config, with_entropy, size, residuals, cotangents):
+  kernel_DxV, hidden_GxNxD, labels_GxN, index, logits_GxNxV = residuals
+  dtype = jnp.dtype(config.dtype)
+  g_logp, g_ent = _live(cotangents["logp"]), None
+  if with_entropy:
+    g_ent = _live(cotangents["entropy"])
+  g, n, d = hidden_GxNxD.shape
+  v = kernel_DxV.shape[1]
+  live = [x for x in (g_logp, g_ent) if x is not None]
+
+  def make_branch(rows):
+    def run(kernel, hidden, labels, logits, *cts):
+      if rows == 0:
+        return jnp.zeros_like(kernel), jnp.zeros_like(hidden)
+      cts = iter(c[:, :rows] for c in cts)
+      ct_logp = None if g_logp is None else next(cts)
+      ct_ent = None if g_ent is None else next(cts)
+      d_logits = _d_logits(logits[:, :rows], labels[:, :rows], ct_logp, ct_ent, dtype)
+      h = hidden[:, :rows].astype(dtype)
+      d_h, d_w = _head_transposes(d_logits.reshape(g * rows, v), h.reshape(g * rows, d),
+                                  kernel.astype(dtype))
+      return (d_w.astype(kernel.dtype),
+              pad_rows(d_h.reshape(g, rows, d).astype(hidden.dtype), n))
+    return run
+
+  d_kernel, d_hidden = bucket_switch(index, n, size, make_branch, kernel_DxV, hidden_GxNxD,
+                                     labels_GxN, logits_GxNxV, *live)
+  return d_kernel, d_hidden, None, None
+
+
+_bucketed_stats.defvjp(_bucketed_stats_fwd, _bucketed_stats_bwd, symbolic_zeros=True)

@@ -14,14 +14,7 @@ from dcjax.model import head
 from dcjax.model.config import ModelConfig
 from dcjax.model.layers import RMSNorm, matmul
 
-MAX_BUCKETS = 8
 ACT_MLP = ("activation_batch", "activation_length", "activation_mlp")
-
-
-def buckets(n: int) -> int:
-  """The number of static sizes the tail can run at for n rows per group: the largest
-  divisor of n that is at most `MAX_BUCKETS` (sizes n/k, 2n/k, ..., n)."""
-  return max(k for k in range(1, MAX_BUCKETS + 1) if n % k == 0)
 
 
 def tail(config: ModelConfig, params, x_BxWxD, attn_BxWxD):
@@ -62,12 +55,12 @@ def tail_on_wanted(config: ModelConfig, params, x_BxWxD, attn_BxWxD, wanted_BxW)
   The B rows form the head's batch groups (`head.batch_groups`: one per batch shard, so no
   row leaves its shard); within each group the B/G * W positions are sorted wanted-first
   and the tail runs on the first j * n/K of them, j the smallest bucket holding the largest
-  group's wanted count (K = `buckets(n)`, `_bucketed`). Rows computed but not wanted are
+  group's wanted count (K = `head.buckets(n)`, `_bucketed`). Rows computed but not wanted are
   zeroed. The gathers are `head.permute` (differentiated as the inverse gather)."""
   b, w, d = x_BxWxD.shape
   g = head.batch_groups(b)
   n = b // g * w
-  size = n // buckets(n)
+  size = n // head.buckets(n)
   where_GxN = wanted_BxW.astype(bool).reshape(g, n)
   order_GxN = jnp.argsort(~where_GxN, axis=1, stable=True)
   inverse_GxN = jnp.argsort(order_GxN, axis=1)
@@ -77,16 +70,6 @@ def tail_on_wanted(config: ModelConfig, params, x_BxWxD, attn_BxWxD, wanted_BxW)
   y_GxNxD = _bucketed(config, size, params, x_GxNxD, attn_GxNxD, (count + size - 1) // size)
   y_BxWxD = head.permute(y_GxNxD, inverse_GxN, order_GxN).reshape(b, w, d)
   return jnp.where(wanted_BxW[..., None], y_BxWxD, jnp.zeros((), y_BxWxD.dtype))
-
-
-def _pad_rows(y_GxRx, n: int):
-  return jnp.pad(y_GxRx, ((0, 0), (0, n - y_GxRx.shape[1])) + ((0, 0),) * (y_GxRx.ndim - 2))
-
-
-def _switch(index, n: int, size: int, make_branch, *operands):
-  """`lax.switch` over the n // size + 1 row counts 0, size, ..., n; `make_branch(rows)`."""
-  return jax.lax.switch(index, [make_branch(j * size) for j in range(n // size + 1)],
-                        *operands)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -113,10 +96,11 @@ def _bucketed_fwd(config, size, params, x_GxNxD, attn_GxNxD, index):
         return jnp.zeros_like(x), jnp.zeros_like(x, jnp.dtype(config.dtype)), zeros, zeros
       r, h, gate, up = _front(config, p, x[:, :rows], attn[:, :rows])
       y = _back(config, p, r, gate, up)
-      return tuple(_pad_rows(a, n) for a in (y, h, gate, up))
+      return tuple(head.pad_rows(a, n) for a in (y, h, gate, up))
     return run
 
-  y, h, gate, up = _switch(index, n, size, make_branch, params, x_GxNxD, attn_GxNxD)
+  y, h, gate, up = head.bucket_switch(index, n, size, make_branch, params, x_GxNxD,
+                                      attn_GxNxD)
   return y, (params, x_GxNxD, attn_GxNxD, h, gate, up, index)
 
 
@@ -155,11 +139,12 @@ def _bucketed_bwd(config, size, residuals, dy_GxNxD):
       dp = {"post_attention_layernorm": {"weight": d_weight},
             "mlp": {"gate_proj": {"kernel": d_wg}, "up_proj": {"kernel": d_wu},
                     "down_proj": {"kernel": d_down}}}
-      return dp, _pad_rows(d_r.astype(x.dtype), n), _pad_rows(d_r.astype(attn.dtype), n)
+      return (dp, head.pad_rows(d_r.astype(x.dtype), n),
+              head.pad_rows(d_r.astype(attn.dtype), n))
     return run
 
-  dp, dx, dattn = _switch(index, n, size, make_branch, params, x_GxNxD, attn_GxNxD, h_all,
-                          gate_all, up_all, dy_GxNxD)
+  dp, dx, dattn = head.bucket_switch(index, n, size, make_branch, params, x_GxNxD,
+                                     attn_GxNxD, h_all, gate_all, up_all, dy_GxNxD)
   return dp, dx, dattn, None
 
 
