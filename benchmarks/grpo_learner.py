@@ -39,7 +39,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.train_step import model_config, timed, torch_model  # noqa: E402
+from benchmarks.train_step import (Local, Remote, model_config, timed,  # noqa: E402
+                                    torch_model)
 from dcjax import model as model_lib  # noqa: E402
 from dcjax.config import base_config  # noqa: E402
 from dcjax.model.config import ModelConfig  # noqa: E402
@@ -128,17 +129,10 @@ def torch_runners(mc: ModelConfig, batch: dict):
   return {"update": update, "score": score}
 
 
-def _torch_times(fields: dict, batch: dict, steps: int) -> dict:
-  mc = ModelConfig.from_dict(fields)
-  return timed({f"torch {k}": v for k, v in torch_runners(mc, batch).items()}, steps)
-
-
-def torch_in_own_process(mc: ModelConfig, batch: dict, steps: int) -> dict:
-  """The torch runners timed in a fresh process with the same malloc settings, as in
-  benchmarks/train_step.py (`torch_in_own_process` there says why)."""
-  import multiprocessing  # pylint: disable=import-outside-toplevel
-  with multiprocessing.get_context("spawn").Pool(1) as pool:
-    return pool.apply(_torch_times, (mc.to_dict(), batch, steps))
+def torch_grpo_runners(fields: dict, batch: dict) -> dict:
+  """{"torch update", "torch score"} (a `benchmarks.train_step.Remote` factory: a process
+  of its own, as there)."""
+  return {f"torch {k}": v for k, v in torch_runners(ModelConfig.from_dict(fields), batch).items()}
 
 
 def main(argv=None):
@@ -162,9 +156,15 @@ def main(argv=None):
   for name, group in zip(names, groups):
     mc = model_config(name, "float32", "none")
     batch = make_batch(mc, group, args.prompt, args.completion)
-    times = timed({f"dcjax {k}": v for k, v in dcjax_runners(mc, batch).items()}, args.steps)
-    if not args.no_torch:
-      times.update(torch_in_own_process(mc, batch, args.steps))
+    local = Local({f"dcjax {k}": v for k, v in dcjax_runners(mc, batch).items()})
+    remote = None if args.no_torch else Remote(torch_grpo_runners, mc.to_dict(), batch)
+    try:  # dcjax and torch take turns in blocks (benchmarks/train_step.py, `timed`)
+      times = timed([(r, f"{impl} {k}") for k in ("update", "score")
+                     for impl, r in (("dcjax", local), ("torch", remote)) if r is not None],
+                    args.steps, rounds=3)
+    finally:
+      if remote:
+        remote.close()
     rows[name] = (mc, group, times)
     metrics.measure_matmul_peak.cache_clear()
     peaks.append(metrics.peak_flops(cpu_dtype=np.dtype("float32")))

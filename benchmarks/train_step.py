@@ -7,7 +7,9 @@
 For each model: the full dcjax train step (masked-diffusion loss with the shift and 1/t,
 AdamW, clipping; jitted, donated) and, unless --no_torch, `transformers` Qwen2ForCausalLM
 with a non-causal 4-D mask running the same loss and AdamW, both fp32 on the CPU; torch runs
-in a process of its own started by this command, with the same malloc settings. MFU =
+in a process of its own started by this command, with the same malloc settings, and the two
+take turns in blocks of about 1.5 s of steps (three rounds), so a change in the machine's
+load during the run reaches both. MFU =
 model FLOP/s (6N + bidirectional attention, dcjax.train.metrics) / peak, where the peak is
 a matmul measured in this process on the CPU, or the chip's data-sheet bf16 peak. Then, per
 model, the phases timed alone for both (unless --no_phases): forward (the loss), backward
@@ -61,28 +63,86 @@ def model_config(name: str, dtype: str, remat: str) -> ModelConfig:
   return ModelConfig.from_dict(fields)
 
 
-def timed(runners: dict, steps: int, rounds: int = 2, block_seconds: float = 1.5) -> dict:
-  """Median seconds per call of each runner (each call blocks), after one warm-up call each.
+class Local:
+  """Runners in this process, timed in blocks of calls (each call blocks)."""
 
-  Runners go in blocks of `steps` calls, alternating for `rounds` rounds, so a busy shared
-  machine slows them alike while each library's thread pool runs undisturbed in its block.
-  `steps=0` sizes each runner's block from a timed call: about `block_seconds` of calls,
-  2 to 25 of them (a median of 4 calls of a 70 ms step wandered by 25 %).
-  """
-  blocks = {}
-  for name, run in runners.items():
-    run()
+  def __init__(self, runners: dict):
+    self.runners = runners
+
+  def block(self, name: str, calls: int) -> list:
+    return _block(self.runners[name], calls)
+
+  def close(self):
+    pass
+
+
+def _block(run, calls: int) -> list:
+  out = []
+  for _ in range(calls):
     start = time.perf_counter()
     run()
-    once = time.perf_counter() - start
-    blocks[name] = steps or max(2, min(25, math.ceil(block_seconds / once)))
-  times = {name: [] for name in runners}
+    out.append(time.perf_counter() - start)
+  return out
+
+
+class Remote:
+  """Runners built by `factory(*args)` (a module-level function returning {name: callable})
+  in a fresh process with the same malloc settings (dcjax/host_malloc.py), timed in blocks
+  on request; the process waits idle between requests. In one process the two libraries'
+  buffers share glibc's heap: after torch's steps, XLA's buffers fault their pages in again
+  at every step (29,600 faults, +40 % on the tiny step)."""
+
+  def __init__(self, factory, *args):
+    import multiprocessing  # pylint: disable=import-outside-toplevel
+    context = multiprocessing.get_context("spawn")
+    self._conn, child = context.Pipe()
+    self._process = context.Process(target=_serve, args=(child, factory, args), daemon=True)
+    self._process.start()
+    self.names = self._receive()
+
+  def _receive(self):
+    kind, value = self._conn.recv()
+    if kind == "error":
+      raise RuntimeError(f"benchmark worker failed:\n{value}")
+    return value
+
+  def block(self, name: str, calls: int) -> list:
+    self._conn.send((name, calls))
+    return self._receive()
+
+  def close(self):
+    self._conn.send(None)
+    self._process.join(timeout=60)
+
+
+def _serve(conn, factory, args):
+  import traceback  # pylint: disable=import-outside-toplevel
+  try:
+    runners = factory(*args)
+    conn.send(("ok", list(runners)))
+    while (request := conn.recv()) is not None:
+      conn.send(("ok", _block(runners[request[0]], request[1])))
+  except Exception:  # pylint: disable=broad-except
+    conn.send(("error", traceback.format_exc()))
+
+
+def timed(entries: list, steps: int = 0, rounds: int = 2, block_seconds: float = 1.5) -> dict:
+  """Median seconds per call of each (runners, name) entry, after one warm-up call each.
+
+  The entries take turns in blocks of calls for `rounds` rounds, dcjax's and torch's
+  interleaved in time, so a machine that grows busier or quieter during the run changes both
+  alike, while each library's thread pool runs undisturbed in its block. `steps=0` sizes
+  each entry's block from a timed call: about `block_seconds` of calls, 2 to 25 of them (a
+  median of 4 calls of a 70 ms step wandered by 25 %)."""
+  calls = {}
+  for runners, name in entries:
+    runners.block(name, 1)
+    once = runners.block(name, 1)[0]
+    calls[name] = steps or max(2, min(25, math.ceil(block_seconds / once)))
+  times = {name: [] for _, name in entries}
   for _ in range(rounds):
-    for name, run in runners.items():
-      for _ in range(blocks[name]):
-        start = time.perf_counter()
-        run()
-        times[name].append(time.perf_counter() - start)
+    for runners, name in entries:
+      times[name] += runners.block(name, calls[name])
   return {name: float(np.median(t)) for name, t in times.items()}
 
 
@@ -214,24 +274,14 @@ def torch_runner(mc: ModelConfig, batch: int, seq_len: int, phases: bool = False
   return run
 
 
-def _torch_times(fields: dict, batch: int, seq_len: int, steps: int, phases: bool):
-  """(median s per torch step, {"torch <phase>": s}), measured in the calling process."""
+def torch_runners(fields: dict, batch: int, seq_len: int, phases: bool) -> dict:
+  """{"torch": step, "torch <phase>": ...} (a `Remote` factory)."""
   mc = ModelConfig.from_dict(fields)
-  step = timed({"torch": torch_runner(mc, batch, seq_len)}, steps)["torch"]
-  if not phases:
-    return step, {}
-  return step, timed({f"torch {k}": v
-                      for k, v in torch_runner(mc, batch, seq_len, phases=True).items()}, steps)
-
-
-def torch_in_own_process(mc: ModelConfig, batch: int, seq_len: int, steps: int,
-                         phases: bool):
-  """`_torch_times` in a fresh process (same malloc settings, dcjax/host_malloc.py). In one
-  process the two libraries' buffers share glibc's heap: after torch's steps, XLA's buffers
-  fault their pages in again at every step (29,600 faults, +40 % on the tiny step)."""
-  import multiprocessing  # pylint: disable=import-outside-toplevel
-  with multiprocessing.get_context("spawn").Pool(1) as pool:
-    return pool.apply(_torch_times, (mc.to_dict(), batch, seq_len, steps, phases))
+  runners = {"torch": torch_runner(mc, batch, seq_len)}
+  if phases:
+    runners.update({f"torch {k}": v
+                    for k, v in torch_runner(mc, batch, seq_len, phases=True).items()})
+  return runners
 
 
 def main(argv=None):
@@ -265,17 +315,25 @@ def main(argv=None):
   rows, phase_times = {}, {}
   for name, batch, seq_len in zip(names, batches, lengths):
     mc = model_config(name, args.dtype, args.remat)
-    times = timed({"dcjax": dcjax_runner(mc, batch, seq_len)}, args.steps)
+    local = {"dcjax": dcjax_runner(mc, batch, seq_len)}
     if not args.no_phases:
-      phase_times[name] = timed({f"dcjax {k}": v
-                                 for k, v in dcjax_phases(mc, batch, seq_len).items()},
-                                args.steps)
+      local.update({f"dcjax {k}": v for k, v in dcjax_phases(mc, batch, seq_len).items()})
+    local = Local(local)
+    remote = None if args.no_torch else Remote(torch_runners, mc.to_dict(), batch, seq_len,
+                                                not args.no_phases)
+    try:
+      # the steps first, three rounds of dcjax / torch blocks; then the phases
+      times = timed([(local, "dcjax")] + ([(remote, "torch")] if remote else []), args.steps,
+                    rounds=3)
+      if not args.no_phases:
+        phase_times[name] = timed(
+            [(r, f"{impl} {k}") for k in ("forward", "forward+backward", "optimiser")
+             for impl, r in (("dcjax", local), ("torch", remote)) if r is not None],
+            args.steps)
+    finally:
+      if remote:
+        remote.close()
     measure_peak()
-    if not args.no_torch:
-      torch_times, torch_phases = torch_in_own_process(mc, batch, seq_len, args.steps,
-                                                       not args.no_phases)
-      times["torch"] = torch_times
-      phase_times.get(name, {}).update(torch_phases)
     rows[name] = (mc, batch, seq_len, times)
   # The best peak seen in the run (the least loaded moment): a conservative MFU.
   peak, peak_source = max(peaks)

@@ -36,7 +36,7 @@ def get_config():
       num_kv_heads=2, head_dim=16, rope_theta=10_000.0, max_position_embeddings=512,
       dtype="float32", param_dtype="float32", mask_token_id=4, pad_token_id=1,
       eos_token_id=1, scan_layers=False,  # a loop over two layers beats a scan on CPU
-      logits_chunk=128))  # small chunks: the head skips more non-targets (docs/attention.md)
+      logits_chunk=128))  # the head in chunks when remat is on (docs/attention.md)
   c.rl.update(dict(
       steps=30, num_prompts=8, num_generations=8, num_iterations=2, beta=0.01,
       ref_update_every=16, log_every=1, log_completions=1, reward_timeout_s=5.0,

@@ -17,7 +17,7 @@ def get_config():
       max_position_embeddings=2048, dtype="bfloat16", param_dtype="float32",
       remat_policy="none", mask_token_id=4, pad_token_id=1, eos_token_id=1,
       scan_layers=False,  # a layer loop: 5 % faster train step on CPU (docs/model.md)
-      logits_chunk=128))  # small chunks: the head skips more non-targets (docs/attention.md)
+      logits_chunk=128))  # the head in chunks when remat is on (docs/attention.md)
   c.inspect_batch = 8
   c.inspect_length = 512
   return c

@@ -34,7 +34,7 @@ def get_config():
       max_position_embeddings=1024, dtype="float32", param_dtype="float32",
       mask_token_id=4, pad_token_id=1, bos_token_id=None, eos_token_id=1,
       scan_layers=False,  # two layers: a loop is faster than a scan on CPU (docs/model.md)
-      logits_chunk=128))  # small chunks: the head skips more non-targets (docs/attention.md)
+      logits_chunk=128))  # the head in chunks when remat is on (docs/attention.md)
   c.train.update(dict(
       steps=300, batch_size=16, lr=2e-3, warmup_steps=30, end_lr_ratio=0.1, weight_decay=0.01,
       b2=0.98, log_every=25, eval_every=100, eval_batches=4,
