@@ -8,7 +8,9 @@ one chunk's logits at a time instead of keeping them all.
 
 With `where`, only the positions the caller reads are scored: each batch shard's positions
 are sorted so that the wanted ones come first, and chunks past the last wanted position are
-skipped (docs/attention.md, "Scoring only the targets").
+skipped; without remat (`remat_policy="none"`) the wanted rows go through one matmul, cut at
+one of a few static sizes, and the logits are kept for the backward (docs/attention.md,
+"Scoring only the targets").
 """
 
 from __future__ import annotations
@@ -138,9 +140,10 @@ def _wanted_stats(config: ModelConfig, kernel_DxV, hidden_BxMxD, labels_BxM, whe
   group the N = B/G * M positions are sorted wanted-first (a stable sort), and the LM head
   runs over chunks of `logits_chunk` sorted positions, skipping (`lax.cond`) every chunk that
   starts past the largest group's count of wanted positions (`_active_chunks`, whose
-  backward loops over the active chunks only). Outputs go back to [B, M] by the inverse
-  permutation. Unwanted positions inside a computed chunk are computed, then
-  zeroed."""
+  backward loops over the active chunks only), or, without remat, over the first rows up to
+  a bucket boundary in one matmul (`_bucketed_stats`). Outputs go back to [B, M] by the
+  inverse permutation. Unwanted positions inside a computed chunk or bucket are computed,
+  then zeroed."""
   b, m, d = hidden_BxMxD.shape
   g = batch_groups(b)
   n = b // g * m
