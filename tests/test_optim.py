@@ -38,7 +38,9 @@ def test_fused_update_equals_optax_chain(grad_clip):
     pf, pr = optax.apply_updates(pf, uf), optax.apply_updates(pr, ur)
     assert jax.tree.structure(sf) == jax.tree.structure(sr)
     for a, b in zip(jax.tree.leaves((uf, pf, sf)), jax.tree.leaves((ur, pr, sr))):
-      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
+      # float32 rounding: the clipped gradient is g * (clip / norm) here, (g / norm) * clip
+      # in optax, so updates of size ~1e-2 may differ by a few of their last bits
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-8)
   if grad_clip == 0.5:
     assert any(clipped) and not all(clipped)
   # The update moved the parameters, with weight decay on kernels / embeddings only.

@@ -60,10 +60,14 @@ def _fused_update(grads, state, params, *, schedule, clip, b1, b2, eps, weight_d
   decay and the learning rate as separate tree passes. XLA:CPU fuses that chain poorly (the
   select keeps the clipped gradient in memory for its two consumers): clip + AdamW took 2.6x
   the time of this form on a 100M-parameter tree (benchmarks/train_step.py). Here the clip is
-  `(g / d) * c` with d = 1, c = 1 below the threshold (exactly g) and d = norm, c = clip
-  above it (optax's expression), and the other operations are optax's own, in its order: the
-  values agree with optax's to float32 rounding (XLA may contract a multiply-add into an FMA
-  in one program and not the other; tests/test_optim.py).
+  `g * s` with the scalar s = 1 below the threshold (exactly g) and s = clip / norm above
+  it, where optax computes `(g / norm) * clip`. A product by a scalar is cheap enough for
+  XLA to repeat inside both fusions that read the clipped gradient (mu and nu); a division
+  made it write that gradient out and read it back (clip + AdamW of the small model's
+  stacked 100M parameters on 2 CPU cores: 130 -> 103 ms; docs/performance.md). The other
+  operations are optax's own, in its order: the values agree with optax's to float32
+  rounding (a clipped gradient may differ in its last bit, and XLA may contract a
+  multiply-add into an FMA in one program and not the other; tests/test_optim.py).
   """
   if params is None:
     raise ValueError("the AdamW update needs params (weight decay)")
@@ -71,14 +75,14 @@ def _fused_update(grads, state, params, *, schedule, clip, b1, b2, eps, weight_d
   if clip:
     norm = optax.tree.norm(grads)
     below = jnp.squeeze(norm < clip)
-    divisor, factor = jnp.where(below, 1.0, norm), jnp.where(below, 1.0, clip)
+    scale = jnp.where(below, 1.0, clip / norm)
   count = optax.safe_increment(adam.count)
   correction1, correction2 = 1 - b1 ** count, 1 - b2 ** count
   step_size = -1 * schedule(sched.count)
 
   def leaf(g, mu, nu, p, decays):
     if clip:
-      g = (g / divisor.astype(g.dtype)) * factor.astype(g.dtype)
+      g = g * scale.astype(g.dtype)
     mu = (1 - b1) * (g ** 1) + b1 * mu
     nu = (1 - b2) * (g ** 2) + b2 * nu
     u = (mu / correction1.astype(mu.dtype)) / (
