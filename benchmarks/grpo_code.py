@@ -34,6 +34,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from dcjax import host_malloc  # noqa: E402
+host_malloc.tune()  # as python -m dcjax.main does (docs/performance.md, "Host memory")
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 

@@ -1,5 +1,5 @@
-"""Test set-up: 8 host CPU devices so sharded code runs on a real 2x2x2 mesh, and a shared
-XLA compilation cache for the session."""
+"""Test set-up: 8 host CPU devices so sharded code runs on a real 2x2x2 mesh, a shared XLA
+compilation cache for the session, and the malloc settings `python -m dcjax.main` runs under."""
 
 import atexit
 import os
@@ -22,6 +22,14 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+
+# The tests run the product under the settings its entry points set (dcjax/host_malloc.py;
+# docs/performance.md, "Host memory"): with glibc's defaults every XLA:CPU call faults its
+# buffers' pages in again (on 2 cores the issue-18 study test spent 98 s in the kernel with
+# them, 21 s tuned, with identical results). DCJAX_HOST_MALLOC=0 opts out.
+from dcjax import host_malloc  # noqa: E402  (imports neither jax nor numpy)
+
+host_malloc.tune()
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
