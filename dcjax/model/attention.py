@@ -22,19 +22,83 @@ def attend(q_BxWxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxWxS):
   """softmax(q k^T / sqrt(Dh)) v with float32 softmax; masked keys get the float32 minimum.
 
   A query row whose keys are all masked (a pad row) gets a uniform distribution, so
-  it stays finite instead of turning into NaN.
+  it stays finite instead of turning into NaN. The backward is written out (`_attend_bwd`,
+  docs/attention.md, "Plain attention"): the same products as differentiating this formula,
+  laid out so that every matmul contracts a contiguous dimension.
   """
-  b, w, h, dh = q_BxWxHxDh.shape
+  return _attend(q_BxWxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxWxS)
+
+
+def _grouped(x_BxWxHxDh, kv: int, transposed: bool = False):
+  """[B, W, H, Dh] -> [B, K, G*W, Dh] (query head h = k * G + g), or [B, K, Dh, G*W]."""
+  b, w, h, dh = x_BxWxHxDh.shape
+  x = x_BxWxHxDh.reshape(b, w, kv, h // kv, dh)
+  x = x.transpose(0, 2, 4, 3, 1) if transposed else x.transpose(0, 2, 3, 1, 4)
+  return x.reshape((b, kv, dh, -1) if transposed else (b, kv, -1, dh))
+
+
+def _ungrouped(x_BxKxGWxDh, h: int):
+  b, kv, gw, dh = x_BxKxGWxDh.shape
+  return (x_BxKxGWxDh.reshape(b, kv, h // kv, gw * kv // h, dh).transpose(0, 3, 1, 2, 4)
+          .reshape(b, gw * kv // h, h, dh))
+
+
+def _grouped_mask(mask_BxWxS, g: int):
+  """[B, W, S] -> [B, 1, G*W, S], broadcast over the query heads of a kv head."""
+  b, w, s = mask_BxWxS.shape
+  return jnp.broadcast_to(mask_BxWxS[:, None, None], (b, 1, g, w, s)).reshape(b, 1, g * w, s)
+
+
+@jax.custom_vjp
+def _attend(q_BxWxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxWxS):
+  return _attend_fwd(q_BxWxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxWxS)[0]
+
+
+def _attend_fwd(q_BxWxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxWxS):
+  """Scores [B, K, G*W, S]: the G query heads of a kv head are one matmul's rows."""
+  h, dh = q_BxWxHxDh.shape[2:]
   kv = k_BxSxKxDh.shape[2]
-  q_BxWxKxGxDh = q_BxWxHxDh.reshape(b, w, kv, h // kv, dh)
-  scores_BxKxGxWxS = jnp.einsum("blkgd,bmkd->bkglm", q_BxWxKxGxDh, k_BxSxKxDh,
-                                preferred_element_type=jnp.float32) * (dh ** -0.5)
+  q_BxKxGWxDh = _grouped(q_BxWxHxDh, kv)
+  k_BxKxSxDh = k_BxSxKxDh.transpose(0, 2, 1, 3)
+  v_BxKxSxDh = v_BxSxKxDh.transpose(0, 2, 1, 3)
+  scores = jnp.einsum("bkqd,bksd->bkqs", q_BxKxGWxDh, k_BxKxSxDh,
+                      preferred_element_type=jnp.float32) * (dh ** -0.5)
   if mask_BxWxS is not None:
-    scores_BxKxGxWxS = jnp.where(mask_BxWxS[:, None, None], scores_BxKxGxWxS,
-                                 jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores_BxKxGxWxS, axis=-1).astype(v_BxSxKxDh.dtype)
-  out_BxWxKxGxDh = jnp.einsum("bkglm,bmkd->blkgd", probs, v_BxSxKxDh)
-  return out_BxWxKxGxDh.reshape(b, w, h, dh)
+    scores = jnp.where(_grouped_mask(mask_BxWxS, h // kv), scores, jnp.finfo(jnp.float32).min)
+  probs_BxKxGWxS = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxDh.dtype)
+  out_BxKxGWxDh = jnp.einsum("bkqs,bksd->bkqd", probs_BxKxGWxS, v_BxKxSxDh)
+  residuals = (_grouped(q_BxWxHxDh, kv, transposed=True), k_BxKxSxDh, v_BxKxSxDh,
+               probs_BxKxGWxS, out_BxKxGWxDh, mask_BxWxS)
+  return _ungrouped(out_BxKxGWxDh, h), residuals
+
+
+def _attend_bwd(residuals, d_out_BxWxHxDh):
+  """dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO O)) (the softmax's backward: rowsum(dO O)
+  = rowsum(dP P)), masked entries 0, dQ = dS K / sqrt(Dh), dK = dS^T Q / sqrt(Dh). The
+  products with P^T and dS^T are taken as [Dh, G*W] x [G*W, S] (q and dO stored transposed)."""
+  qT_BxKxDhxGW, k_BxKxSxDh, v_BxKxSxDh, probs, out_BxKxGWxDh, mask_BxWxS = residuals
+  b, w, h, dh = d_out_BxWxHxDh.shape
+  kv = k_BxKxSxDh.shape[1]
+  dtype = v_BxKxSxDh.dtype
+  d_out = _grouped(d_out_BxWxHxDh, kv)
+  dvT_BxKxDhxS = jnp.einsum("bkdq,bkqs->bkds", _grouped(d_out_BxWxHxDh, kv, transposed=True),
+                            probs)
+  d_probs = jnp.einsum("bkqd,bksd->bkqs", d_out, v_BxKxSxDh,
+                       preferred_element_type=jnp.float32)
+  row = jnp.sum(d_out.astype(jnp.float32) * out_BxKxGWxDh.astype(jnp.float32), axis=-1,
+                keepdims=True)
+  d_scores = probs.astype(jnp.float32) * (d_probs - row)
+  if mask_BxWxS is not None:
+    d_scores = jnp.where(_grouped_mask(mask_BxWxS, h // kv), d_scores, 0.0)
+  d_scores = (d_scores * (dh ** -0.5)).astype(dtype)
+  dq = jnp.einsum("bkqs,bksd->bkqd", d_scores, k_BxKxSxDh)
+  dkT_BxKxDhxS = jnp.einsum("bkdq,bkqs->bkds", qT_BxKxDhxGW, d_scores)
+  return (_ungrouped(dq, h).astype(qT_BxKxDhxGW.dtype),
+          dkT_BxKxDhxS.transpose(0, 3, 1, 2).astype(k_BxKxSxDh.dtype),
+          dvT_BxKxDhxS.transpose(0, 3, 1, 2).astype(dtype), None)
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 class KVCache(NamedTuple):
