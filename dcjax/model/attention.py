@@ -23,8 +23,8 @@ def attend(q_BxWxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxWxS):
 
   A query row whose keys are all masked (a pad row) gets a uniform distribution, so
   it stays finite instead of turning into NaN. The backward is written out (`_attend_bwd`,
-  docs/attention.md, "Plain attention"): the same products as differentiating this formula,
-  laid out so that every matmul contracts a contiguous dimension.
+  docs/attention.md, "Plain (`xla`)"): the same products as differentiating this formula,
+  with operand layouts chosen for XLA:CPU's matmuls.
   """
   return _attend(q_BxWxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxWxS)
 
@@ -55,20 +55,22 @@ def _attend(q_BxWxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxWxS):
 
 
 def _attend_fwd(q_BxWxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxWxS):
-  """Scores [B, K, G*W, S]: the G query heads of a kv head are one matmul's rows."""
+  """Scores [B, K, G*W, S]: the G query heads of a kv head are one matmul's rows, taken from
+  q and k stored [Dh, G*W] and [Dh, S] (the transposed q is also what the backward needs
+  for dK; a [G*W, Dh] copy of q would be one more transposing pass)."""
   h, dh = q_BxWxHxDh.shape[2:]
   kv = k_BxSxKxDh.shape[2]
-  q_BxKxGWxDh = _grouped(q_BxWxHxDh, kv)
+  qT_BxKxDhxGW = _grouped(q_BxWxHxDh, kv, transposed=True)
   k_BxKxSxDh = k_BxSxKxDh.transpose(0, 2, 1, 3)
   v_BxKxSxDh = v_BxSxKxDh.transpose(0, 2, 1, 3)
-  scores = jnp.einsum("bkqd,bksd->bkqs", q_BxKxGWxDh, k_BxKxSxDh,
+  scores = jnp.einsum("bkdq,bkds->bkqs", qT_BxKxDhxGW, k_BxSxKxDh.transpose(0, 2, 3, 1),
                       preferred_element_type=jnp.float32) * (dh ** -0.5)
   if mask_BxWxS is not None:
     scores = jnp.where(_grouped_mask(mask_BxWxS, h // kv), scores, jnp.finfo(jnp.float32).min)
   probs_BxKxGWxS = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxDh.dtype)
   out_BxKxGWxDh = jnp.einsum("bkqs,bksd->bkqd", probs_BxKxGWxS, v_BxKxSxDh)
-  residuals = (_grouped(q_BxWxHxDh, kv, transposed=True), k_BxKxSxDh, v_BxKxSxDh,
-               probs_BxKxGWxS, out_BxKxGWxDh, mask_BxWxS)
+  residuals = (qT_BxKxDhxGW, k_BxKxSxDh, v_BxKxSxDh, probs_BxKxGWxS, out_BxKxGWxDh,
+               mask_BxWxS)
   return _ungrouped(out_BxKxGWxDh, h), residuals
 
 
