@@ -18,7 +18,8 @@ release scores (dcjax: `rl.logp_attention_mask=False`):
 Also times the scoring pass (the same estimate without gradient, what the old-policy and
 reference log-probs cost). MFU = model FLOPs (3 passes x (6N + attention) per token for the
 update, 2N + attention for scoring) / the matmul peak measured in this process. Ends with one
-JSON line: ms per update and per scoring call for each, and the dcjax/torch ratios.
+JSON line: ms per update and per scoring call for each, and the dcjax/torch ratios with
+each round's paired ratio (printed as their range).
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.train_step import (Local, Remote, model_config, timed,  # noqa: E402
-                                    torch_model)
+from benchmarks.train_step import (Local, Remote, model_config, round_ratios,  # noqa: E402
+                                    spread, timed, torch_model)
 from dcjax import model as model_lib  # noqa: E402
 from dcjax.config import base_config  # noqa: E402
 from dcjax.model.config import ModelConfig  # noqa: E402
@@ -159,20 +160,20 @@ def main(argv=None):
     local = Local({f"dcjax {k}": v for k, v in dcjax_runners(mc, batch).items()})
     remote = None if args.no_torch else Remote(torch_grpo_runners, mc.to_dict(), batch)
     try:  # dcjax and torch take turns in blocks (benchmarks/train_step.py, `timed`)
-      times = timed([(r, f"{impl} {k}") for k in ("update", "score")
+      times, per_round = timed([(r, f"{impl} {k}") for k in ("update", "score")
                      for impl, r in (("dcjax", local), ("torch", remote)) if r is not None],
                     args.steps, rounds=3)
     finally:
       if remote:
         remote.close()
-    rows[name] = (mc, group, times)
+    rows[name] = (mc, group, times, per_round)
     metrics.measure_matmul_peak.cache_clear()
     peaks.append(metrics.peak_flops(cpu_dtype=np.dtype("float32")))
   peak, peak_source = max(peaks)
   print(f"device: {results['device']}; peak {peak:.3e} FLOP/s ({peak_source})")
   results.update(peak_flops=peak, peak_source=peak_source)
   l = args.prompt + args.completion
-  for name, (mc, group, times) in rows.items():
+  for name, (mc, group, times, per_round) in rows.items():
     tokens = 3 * group * l  # three passes
     train_flops = metrics.train_flops_per_token(mc, l) * tokens
     score_flops = train_flops / 3
@@ -190,8 +191,12 @@ def main(argv=None):
     if "torch update" in times:
       row["update_dcjax_over_torch"] = times["torch update"] / times["dcjax update"]
       row["score_dcjax_over_torch"] = times["torch score"] / times["dcjax score"]
-      line += (f"\n       dcjax/torch: update {row['update_dcjax_over_torch']:.2f}x, "
-               f"score {row['score_dcjax_over_torch']:.2f}x")
+      for k in ("update", "score"):
+        row[f"{k}_dcjax_over_torch_rounds"] = round_ratios(per_round, f"torch {k}", f"dcjax {k}")
+      line += (f"\n       dcjax/torch: update {row['update_dcjax_over_torch']:.2f}x "
+               f"({spread(row['update_dcjax_over_torch_rounds'])}), "
+               f"score {row['score_dcjax_over_torch']:.2f}x "
+               f"({spread(row['score_dcjax_over_torch_rounds'])})")
     print(line, flush=True)
     results[name] = row
   print(json.dumps(results))

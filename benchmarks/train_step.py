@@ -14,7 +14,9 @@ model FLOP/s (6N + bidirectional attention, dcjax.train.metrics) / peak, where t
 a matmul measured in this process on the CPU, or the chip's data-sheet bf16 peak. Then, per
 model, the phases timed alone for both (unless --no_phases): forward (the loss), backward
 (loss + gradient minus forward) and the optimiser (clip + AdamW on fixed gradients). Prints a
-table, then one JSON line with every figure and the dcjax/torch throughput ratios.
+table, then one JSON line with every figure and the dcjax/torch throughput ratios; beside
+each ratio, the range of the per-round ratios (each round's dcjax and torch blocks ran next
+to each other), the run's own spread.
 """
 
 from __future__ import annotations
@@ -126,24 +128,40 @@ def _serve(conn, factory, args):
     conn.send(("error", traceback.format_exc()))
 
 
-def timed(entries: list, steps: int = 0, rounds: int = 2, block_seconds: float = 1.5) -> dict:
-  """Median seconds per call of each (runners, name) entry, after one warm-up call each.
+def timed(entries: list, steps: int = 0, rounds: int = 2,
+          block_seconds: float = 1.5) -> tuple[dict, dict]:
+  """({name: median seconds per call}, {name: [median of each round's block]}) for the
+  (runners, name) entries, after one warm-up call each.
 
   The entries take turns in blocks of calls for `rounds` rounds, dcjax's and torch's
   interleaved in time, so a machine that grows busier or quieter during the run changes both
   alike, while each library's thread pool runs undisturbed in its block. `steps=0` sizes
   each entry's block from a timed call: about `block_seconds` of calls, 2 to 25 of them (a
-  median of 4 calls of a 70 ms step wandered by 25 %)."""
+  median of 4 calls of a 70 ms step wandered by 25 %). The per-round medians give paired
+  ratios (`round_ratios`): the spread of one run, printed beside its ratio."""
   calls = {}
   for runners, name in entries:
     runners.block(name, 1)
     once = runners.block(name, 1)[0]
     calls[name] = steps or max(2, min(25, math.ceil(block_seconds / once)))
   times = {name: [] for _, name in entries}
+  per_round = {name: [] for _, name in entries}
   for _ in range(rounds):
     for runners, name in entries:
-      times[name] += runners.block(name, calls[name])
-  return {name: float(np.median(t)) for name, t in times.items()}
+      block = runners.block(name, calls[name])
+      times[name] += block
+      per_round[name].append(float(np.median(block)))
+  return {name: float(np.median(t)) for name, t in times.items()}, per_round
+
+
+def round_ratios(per_round: dict, slow: str, fast: str) -> list:
+  """per_round[slow][r] / per_round[fast][r] for each round r: the two blocks of a round ran
+  next to each other in time, so these pair the two libraries under the same load."""
+  return [s / f for s, f in zip(per_round[slow], per_round[fast])]
+
+
+def spread(ratios: list) -> str:
+  return f"rounds {min(ratios):.2f}-{max(ratios):.2f}x"
 
 
 def dcjax_phases(mc: ModelConfig, batch: int, seq_len: int) -> dict:
@@ -323,10 +341,10 @@ def main(argv=None):
                                                 not args.no_phases)
     try:
       # the steps first, three rounds of dcjax / torch blocks; then the phases
-      times = timed([(local, "dcjax")] + ([(remote, "torch")] if remote else []), args.steps,
-                    rounds=3)
+      times, per_round = timed(
+          [(local, "dcjax")] + ([(remote, "torch")] if remote else []), args.steps, rounds=3)
       if not args.no_phases:
-        phase_times[name] = timed(
+        phase_times[name], _ = timed(
             [(r, f"{impl} {k}") for k in ("forward", "forward+backward", "optimiser")
              for impl, r in (("dcjax", local), ("torch", remote)) if r is not None],
             args.steps)
@@ -334,14 +352,14 @@ def main(argv=None):
       if remote:
         remote.close()
     measure_peak()
-    rows[name] = (mc, batch, seq_len, times)
+    rows[name] = (mc, batch, seq_len, times, per_round)
   # The best peak seen in the run (the least loaded moment): a conservative MFU.
   peak, peak_source = max(peaks)
   print(f"device: {device.device_kind} x {jax.device_count()}; peak {peak:.3e} FLOP/s "
         f"({peak_source}; best of {len(peaks)})")
   results = {"device": f"{device.platform}:{device.device_kind} x {jax.device_count()}",
              "peak_flops": peak, "peak_source": peak_source, "dtype": args.dtype}
-  for name, (mc, batch, seq_len, times) in rows.items():
+  for name, (mc, batch, seq_len, times, per_round) in rows.items():
     flops = metrics.train_flops_per_token(mc, seq_len) * batch * seq_len
     row = {"params": mc.num_params(), "batch": batch, "seq_len": seq_len,
            "flops_per_step": flops}
@@ -353,7 +371,9 @@ def main(argv=None):
                f"MFU {100 * flops / seconds / peak:5.1f}%")
     if "torch" in times:
       row["dcjax_over_torch"] = times["torch"] / times["dcjax"]
-      line += f" | dcjax/torch {row['dcjax_over_torch']:.2f}x"
+      row["dcjax_over_torch_rounds"] = round_ratios(per_round, "torch", "dcjax")
+      line += (f" | dcjax/torch {row['dcjax_over_torch']:.2f}x "
+               f"({spread(row['dcjax_over_torch_rounds'])})")
     print(line, flush=True)
     if name in phase_times:
       ph = phase_times[name]
