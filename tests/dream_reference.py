@@ -114,8 +114,10 @@ def dream_generate(model, ids, keep, *, mask_id, max_new_tokens, steps, alg, tem
 
   Returns (canvas [B, P + N] numpy, reveal step per position (-1: never revealed), the
   smallest non-zero gap between the k-th and (k+1)-th confidence of a row over the greedy
-  top-k steps: below float noise, the choice is a near-tie that rounding may decide either
-  way; exact ties go to the lower position, as in dcjax).
+  top-k steps, in float32 spacings (ulps) at the k-th confidence: within a few, the choice
+  is a near-tie that rounding may decide either way (an entropy confidence near -ln V = -6.2
+  has a spacing of 4.8e-7, a probability below 1 one of at most 6e-8); exact ties go to the
+  lower position, as in dcjax).
   """
   generator = torch.Generator().manual_seed(seed)
   x, pair, positions = canvas(ids, keep, mask_id, max_new_tokens)
@@ -149,8 +151,10 @@ def dream_generate(model, ids, keep, *, mask_id, max_new_tokens, steps, alg, tem
       # Exact ties go to the lower position (dcjax's rule; torch.topk leaves it open).
       top, order = torch.sort(confidence, dim=-1, descending=True, stable=True)
       if k < x.shape[1]:
-        gaps = (top[:, k - 1] - top[:, k])[torch.isfinite(top[:, k])]
-        min_gap = min([min_gap] + [g for g in gaps.tolist() if g > 0])
+        finite = torch.isfinite(top[:, k])
+        gaps = (top[:, k - 1] - top[:, k])[finite].numpy().astype(np.float64)
+        ulps = gaps / np.spacing(np.abs(top[:, k - 1][finite].numpy())).astype(np.float64)
+        min_gap = min([min_gap] + [float(g) for g in ulps if g > 0])
       transfer_index = order[:, :k]
     else:
       weights = torch.softmax(confidence / alg_temp, dim=-1)
